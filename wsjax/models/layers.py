@@ -1,0 +1,86 @@
+"""Layer constructors shared by the wsjax models.
+
+Each returns a plain Flax Linen layer (``nn.Dense``, ``nn.Conv``,
+``nn.BatchNorm``) wired to an init scheme of ``wsjax.models.initializers``,
+so parameter trees keep Flax's leaf names: a Dense/Conv layer is a module with
+a ``kernel`` leaf (and its ``bias`` sibling when it has one), a BatchNorm layer
+a module with ``scale``/``bias`` leaves and no kernel, its running statistics
+``mean``/``var`` in the ``batch_stats`` collection.
+
+Conventions, PyTorch-compatible so that shapes and statistics match the
+official code:
+- Conv padding is explicit and symmetric (``padding=p`` pads p on both sides
+  of every spatial axis), like ``nn.Conv2d(padding=p)``; output length
+  ``floor((L + 2p - k) / s) + 1``.
+- BatchNorm: ``momentum=0.9`` in Flax's convention (``ra = 0.9 ra + 0.1
+  batch``), i.e. PyTorch's ``momentum=0.1``, and ``epsilon=1e-5``. It
+  normalizes with the batch statistics when ``train`` and with the running
+  ones otherwise. One difference from PyTorch: Flax updates the running
+  variance with the biased batch variance, PyTorch with the unbiased one (a
+  factor n/(n-1), n = examples x spatial positions per batch).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from flax import linen as nn
+
+from wsjax.models import initializers
+
+HEAD = "head"  # name of the output (classifier) layer in every wsjax model
+
+
+def _tuple(value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+  if isinstance(value, int):
+    return (value,) * ndim
+  value = tuple(value)
+  if len(value) != ndim:
+    raise ValueError(f"expected an int or {ndim} values, got {value}")
+  return value
+
+
+def dense(features: int, in_features: int, init: str, *, use_bias: bool = True,
+          name: str | None = None) -> nn.Dense:
+  """A Dense layer (kernel ``(in_features, features)``) with init scheme `init`."""
+  return nn.Dense(
+      features, use_bias=use_bias, name=name,
+      kernel_init=initializers.kernel_init(init),
+      bias_init=initializers.bias_init(init, in_features))
+
+
+def conv(features: int, kernel_size: int | Sequence[int], in_features: int,
+         init: str, *, ndim: int = 2, strides: int | Sequence[int] = 1,
+         padding: int | Sequence[int] = 0, use_bias: bool = True,
+         name: str | None = None) -> nn.Conv:
+  """An `ndim`-D convolution with PyTorch's symmetric zero padding.
+
+  Kernel ``(*kernel_size, in_features, features)``; fan_in for the init is
+  ``in_features * prod(kernel_size)``.
+  """
+  kernel_size = _tuple(kernel_size, ndim)
+  padding = tuple((p, p) for p in _tuple(padding, ndim))
+  fan_in = in_features
+  for k in kernel_size:
+    fan_in *= k
+  return nn.Conv(
+      features, kernel_size, strides=_tuple(strides, ndim), padding=padding,
+      use_bias=use_bias, name=name,
+      kernel_init=initializers.kernel_init(init),
+      bias_init=initializers.bias_init(init, fan_in))
+
+
+def batch_norm(train: bool, init: str, *, name: str | None = None) -> nn.BatchNorm:
+  """BatchNorm over the last (feature) axis, PyTorch's momentum 0.1 and eps 1e-5."""
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name,
+      scale_init=initializers.bn_scale_init(init),
+      bias_init=initializers.bn_bias_init(init))
+
+
+def flatten(x):
+  """Flattens all but the batch axis, in NHWC (NWC) order.
+
+  PyTorch flattens NCHW, channel-major: the two differ by a fixed permutation
+  of the following Dense kernel's rows (none when the spatial size is 1).
+  """
+  return x.reshape((x.shape[0], -1))
