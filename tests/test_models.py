@@ -630,3 +630,17 @@ def test_init_bounds_match_pytorch(torch):
   ours = initializers.kaiming_normal_kernel_init(key, (3, 3, 16, 64))
   np.testing.assert_allclose(np.std(ours), w.std().item(), rtol=0.1)
   np.testing.assert_allclose(np.std(ours), math.sqrt(2 / 144), rtol=0.05)
+
+
+@pytest.mark.parametrize("k,s,p", [(5, 2, 2), (3, 2, 1), (3, 1, 0)])
+def test_conv1d_patches_equals_lax_convolution(k, s, p):
+  """The matmul form of the 1-D conv gives nn.Conv's result on the same params."""
+  from wsjax.models import layers
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 20, 3))
+  patches = layers.Conv1DPatches(7, k, 3, "torch", strides=s, padding=p)
+  variables = patches.init(jax.random.PRNGKey(1), x)
+  reference = layers.conv(7, k, 3, "torch", ndim=1, strides=s, padding=p)
+  got = patches.apply(variables, x)
+  want = reference.apply(variables, x)
+  assert got.shape == want.shape == (4, (20 + 2 * p - k) // s + 1, 7)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

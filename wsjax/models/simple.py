@@ -77,8 +77,8 @@ class Conv1D(nn.Module):
       x = x[..., None]
     specs = ((5, 2), (3, 1), (3, 1))  # (kernel, padding); stride 2 throughout
     for i, (kernel, pad) in enumerate(specs, start=1):
-      x = layers.conv(self.channels, kernel, x.shape[-1], self.init_scheme, ndim=1,
-                      strides=2, padding=pad, name=f"conv{i}")(x)
+      x = layers.Conv1DPatches(self.channels, kernel, x.shape[-1], self.init_scheme,
+                               strides=2, padding=pad, name=f"conv{i}")(x)
       x = nn.relu(x)
       self.sow("activations", f"relu{i}", x)
     x = layers.flatten(x)

@@ -1,0 +1,46 @@
+"""Plots of staged studies (PNG, written atomically)."""
+from __future__ import annotations
+
+import io
+from typing import Callable, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from wsjax.results import atomic_write_bytes  # noqa: E402
+
+
+def save_figure(fig, path: str) -> None:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+  plt.close(fig)
+  atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_per_stage(results: dict, path: str, key: str = "test_acc", *, ylabel: str = "test accuracy (%)",
+                   scale: float = 100.0, cumulative: bool = False, title: Optional[str] = None,
+                   transform: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
+  """Mean over seeds per stage for each method, shaded min..max over seeds.
+
+  x axis: training-set size at each stage.
+  """
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for name, m in results["methods"].items():
+    n_train = [s["n_train"] for s in m["stages"]]
+    vals = np.asarray([s[key] for s in m["stages"]], np.float64) * scale  # (stages, seeds)
+    if cumulative:
+      vals = np.cumsum(vals, axis=0)
+    if transform is not None:
+      vals = transform(vals)
+    mean = vals.mean(1)
+    line, = ax.plot(n_train, mean, marker="o", ms=3, label=name)
+    ax.fill_between(n_train, vals.min(1), vals.max(1), color=line.get_color(), alpha=0.2)
+  ax.set_xlabel("training examples in the buffer")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title or results.get("experiment", ""))
+  ax.grid(alpha=0.3)
+  ax.legend()
+  save_figure(fig, path)

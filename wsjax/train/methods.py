@@ -1,0 +1,245 @@
+"""The methods a staged study compares, by name.
+
+A method is a warm-start policy (how a stage begins, see
+`wsjax.train.policies`) plus, optionally, a loss penalty with its reference
+(`l2_init`). `--methods` in the experiment programs names them:
+
+* `cold`, `warm`, `warm_rm`: see `wsjax.train.policies`.
+* `shrink_perturb`: Ash & Adams (2020): `theta <- shrink*theta + perturb*theta_fresh`
+  on every parameter, BatchNorm statistics fresh, a new optimizer (their code).
+* `sp`: the DASH code's baseline: `w <- 0.3 w + N(0, 0.01^2)` on conv/dense
+  weights and biases; optimizer and BatchNorm statistics kept.
+* `dash`: Shin et al. (2024): the EMA of chunk gradients over the buffer in
+  eval mode, then `W_group *= clip(cos(W_group, -g), lambda, 1)`; optimizer and
+  BatchNorm statistics kept (official code).
+* `reset`: re-initialize the classifier (`head`) layer, the rest kept.
+* `l2_init`: warm, plus `coef * (sum_l ||W_l - W_l^0||)^2` in the loss
+  (the official code's form), `W^0` the run's initialization.
+
+Every stage-0 start is the fresh init (or a `--warm_start_from` source,
+which the policy then transforms like any previous stage's result).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wsjax import transforms as T
+from wsjax.train import policies
+
+
+class UnknownMethodError(ValueError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodParams:
+  """Hyperparameters of the methods (flags of the experiment programs)."""
+  keep_opt_state: bool = True        # warm: keep the optimizer state
+  shrink: float = 0.4                # shrink_perturb (Ash & Adams defaults)
+  perturb: float = 0.1
+  sp_shrink: float = 0.3             # sp (DASH code defaults)
+  sp_sigma: float = 0.01
+  dash_lambda: float = 0.3
+  dash_alpha: float = 0.3
+  dash_granularity: str = "kernel_slice"
+  dash_max_batch: int = 4096         # examples per gradient batch (memory bound)
+  reset_layers: tuple = ("head",)
+  l2_init_coef: float = 1e-2
+
+  def validate(self) -> None:
+    for name in ("shrink", "perturb", "sp_shrink", "dash_lambda", "dash_alpha"):
+      v = getattr(self, name)
+      if not 0 <= v <= 1:
+        raise ValueError(f"--{name} must be in [0, 1], got {v}")
+    if self.sp_sigma < 0:
+      raise ValueError(f"--sp_sigma must be >= 0, got {self.sp_sigma}")
+    if self.l2_init_coef < 0:
+      raise ValueError(f"--l2_init_coef must be >= 0, got {self.l2_init_coef}")
+    if self.dash_granularity not in ("kernel_slice", "unit"):
+      raise ValueError(f"--dash_granularity must be kernel_slice or unit, got {self.dash_granularity!r}")
+    if self.dash_max_batch < 1:
+      raise ValueError(f"--dash_max_batch must be >= 1, got {self.dash_max_batch}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  name: str
+  prepare: Callable[[Any, policies.StageContext, MethodParams], Any]
+  description: str
+  penalty: Optional[Callable] = None            # penalty(params, reg) added to the loss
+  make_reg: Optional[Callable] = None           # (states, MethodParams) -> reg tree (seed-stacked)
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+  _REGISTRY[spec.name] = spec
+  return spec
+
+
+def method_params_from_flags(flag_values) -> MethodParams:
+  """`MethodParams` from absl flags of the same names (those defined)."""
+  kwargs = {}
+  for f in dataclasses.fields(MethodParams):
+    if f.name in flag_values:
+      value = flag_values[f.name].value
+      kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+  return MethodParams(**kwargs)
+
+
+def get_method(name: str) -> MethodSpec:
+  if name not in _REGISTRY:
+    raise UnknownMethodError(f"unknown method {name!r}; choose from {', '.join(_REGISTRY)}")
+  return _REGISTRY[name]
+
+
+def known_methods() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+register(MethodSpec("cold", lambda prev, ctx, hp: policies.cold(prev, ctx),
+                    "fresh init and optimizer every stage"))
+register(MethodSpec("warm", lambda prev, ctx, hp: policies.warm(prev, ctx, keep_opt_state=hp.keep_opt_state),
+                    "keep params, BatchNorm statistics and (flag) optimizer state"))
+register(MethodSpec("warm_rm", lambda prev, ctx, hp: policies.warm_rm(prev, ctx),
+                    "keep the model, reset the optimizer"))
+
+
+def _policy_keys(ctx: policies.StageContext, salt: int) -> jax.Array:
+  """Per-seed keys for a policy's random draws: a function of (seed, stage)."""
+  from wsjax.train.state import seed_keys
+  return seed_keys(ctx.seeds, ctx.stage, salt)
+
+
+def _shrink_perturb(prev, ctx, hp: MethodParams):
+  fresh = ctx.fresh()
+  if prev is None:
+    return fresh
+
+  @jax.jit
+  def mix(params, fresh_params):
+    def one(p, f):
+      tx = T.shrink_perturb(hp.shrink, hp.perturb, init_fn=lambda key: f, seed=0)
+      return T.apply_transform(tx, p)
+    return jax.vmap(one)(params, fresh_params)
+  params = mix(prev.params, fresh.params)
+  opt_state = jax.jit(jax.vmap(ctx.tx.init))(params)
+  return fresh.replace(params=params, opt_state=opt_state)
+
+
+def _gaussian_sp(prev, ctx, hp: MethodParams):
+  if prev is None:
+    return ctx.fresh()
+
+  @jax.jit
+  def perturb(params, keys):
+    def one(p, key):
+      return T.apply_transform(T.gaussian_shrink_perturb(hp.sp_shrink, hp.sp_sigma, seed=key), p)
+    return jax.vmap(one)(params, keys)
+  return prev.replace(params=perturb(prev.params, _policy_keys(ctx, 11)))
+
+
+def _reset(prev, ctx, hp: MethodParams):
+  fresh = ctx.fresh()
+  if prev is None:
+    return fresh
+
+  @jax.jit
+  def reset(params, fresh_params):
+    def one(p, f):
+      return T.apply_transform(T.reset_layers(hp.reset_layers, init_fn=lambda key: f), p)
+    return jax.vmap(one)(params, fresh_params)
+  return prev.replace(params=reset(prev.params, fresh.params))
+
+
+def dash_signal(states, ctx: policies.StageContext, hp: MethodParams):
+  """The EMA of per-chunk gradients over the buffer (eval mode), per seed."""
+  model = ctx.model
+  arrivals = [np.asarray(a, np.int32) for a in ctx.arrivals]
+
+  def loss_fn(params, batch_stats, xb, yb):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    logits = model.apply(variables, xb, train=False)
+    import optax
+    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+  @jax.jit
+  def grads_for(params, batch_stats, chunk_indices, alpha):
+    def one(p, bs):
+      return T.dash_gradient(lambda pp, xb, yb: loss_fn(pp, bs, xb, yb), p, ctx.data_x,
+                             ctx.data_y, chunk_indices, alpha=alpha, max_batch=hp.dash_max_batch)
+    return jax.vmap(one)(params, batch_stats)
+
+  sizes = {len(a) for a in arrivals}
+  if len(sizes) == 1:  # equal chunks (DASH's framework): one scan over all of them
+    return grads_for(states.params, states.batch_stats, np.stack(arrivals), hp.dash_alpha)
+  # unequal arrivals (two_phase, online): the same EMA from zeros, chunk by chunk
+  a = hp.dash_alpha
+  g = jax.tree.map(jnp.zeros_like, states.params)
+  for chunk in arrivals:
+    gc = grads_for(states.params, states.batch_stats, chunk[None], 1.0)
+    g = jax.tree.map(lambda m, c: (1 - a) * m + a * c, g, gc)
+  return g
+
+
+def _dash(prev, ctx, hp: MethodParams):
+  if prev is None:
+    return ctx.fresh()
+  grads = dash_signal(prev, ctx, hp)
+
+  @jax.jit
+  def shrink(params, grads):
+    tx = T.dash(hp.dash_lambda, granularity=hp.dash_granularity)
+    return jax.vmap(lambda p, g: T.apply_transform(tx, p, g))(params, grads)
+  return prev.replace(params=shrink(prev.params, grads))
+
+
+def _l2_penalty(params, reg):
+  return T.l2_init_penalty(params, reg["init"], coef=reg["coef"])
+
+
+def _l2_reg(states, hp: MethodParams):
+  """The penalty's reference: each seed's parameters when the run started."""
+  coef = hp.l2_init_coef
+  return {"init": jax.tree.map(lambda x: x.copy(), states.params),
+          "coef": jnp.full(jax.tree.leaves(states.params)[0].shape[:1], coef, jnp.float32)}
+
+
+register(MethodSpec("shrink_perturb", _shrink_perturb,
+                    "Ash & Adams: shrink*theta + perturb*fresh init, fresh BN stats and optimizer"))
+register(MethodSpec("sp", _gaussian_sp, "DASH code's sp: 0.3*w + N(0, 0.01^2) on weights and biases"))
+register(MethodSpec("dash", _dash, "DASH: shrink by cosine with the buffer's gradient EMA"))
+register(MethodSpec("reset", _reset, "re-initialize the classifier layer"))
+register(MethodSpec("l2_init", lambda prev, ctx, hp: policies.warm(prev, ctx), "warm + l2 to the initialization",
+                    penalty=_l2_penalty, make_reg=_l2_reg))
+
+
+# ---------------------------------------------------------------------------
+# Per-stage diagnostics
+# ---------------------------------------------------------------------------
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+@jax.jit
+def _norms(params, start):
+  norm = jax.vmap(_global_norm)(params)
+  dist = jax.vmap(lambda a, b: _global_norm(jax.tree.map(jnp.subtract, a, b)))(params, start)
+  return norm, dist
+
+
+def stage_diagnostics(study, states, start, buffer) -> dict:
+  """Plasticity diagnostics at the end of a stage, per seed."""
+  out = {}
+  if jax.tree.leaves(start):
+    norm, dist = _norms(states.params, start)
+    out["param_norm"] = [float(x) for x in np.asarray(norm)]
+    out["dist_from_stage_start"] = [float(x) for x in np.asarray(dist)]
+  return out
