@@ -35,7 +35,7 @@ def define_study_flags(**defaults) -> None:
   flags.DEFINE_float("lr", d("lr", 1e-3), "learning rate")
   flags.DEFINE_float("momentum", d("momentum", 0.9), "SGD momentum")
   flags.DEFINE_float("weight_decay", d("weight_decay", 0.0), "weight decay")
-  flags.DEFINE_string("lr_schedule", "constant", "constant, step, cosine or warmup_cosine (per stage)")
+  flags.DEFINE_string("lr_schedule", d("lr_schedule", "constant"), "constant, step, cosine or warmup_cosine (per stage)")
   flags.DEFINE_integer("warmup_steps", 0, "linear learning-rate warm-up steps")
   flags.DEFINE_list("decay_steps", [], "step schedule: steps where lr is multiplied by 0.1")
   flags.DEFINE_integer("batch_size", d("batch_size", 128), "global batch size")
@@ -191,3 +191,20 @@ def run_main(body: Callable[[], None]) -> None:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(USAGE_ERROR)
+
+
+def run_study(experiment: str, plots: Callable[[dict, str], list]) -> None:
+  """flags -> config -> Study in --workdir -> results.json, plots, table."""
+  import jax
+  from wsjax import results
+  from wsjax.train.study import Study
+  setup_jax()
+  config = study_config(experiment)
+  study = Study(config, FLAGS.workdir, progress=FLAGS.progress)
+  prepare_workdir(FLAGS.workdir, config)
+  out = study.run()
+  if jax.process_index() == 0:
+    results.write_json(os.path.join(FLAGS.workdir, "results.json"), out)
+    names = plots(out, FLAGS.workdir)
+    print(results.methods_table(out))
+    print(f"wrote {FLAGS.workdir}/results.json and {', '.join(names)}")

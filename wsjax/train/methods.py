@@ -218,28 +218,3 @@ register(MethodSpec("dash", _dash, "DASH: shrink by cosine with the buffer's gra
 register(MethodSpec("reset", _reset, "re-initialize the classifier layer"))
 register(MethodSpec("l2_init", lambda prev, ctx, hp: policies.warm(prev, ctx), "warm + l2 to the initialization",
                     penalty=_l2_penalty, make_reg=_l2_reg))
-
-
-# ---------------------------------------------------------------------------
-# Per-stage diagnostics
-# ---------------------------------------------------------------------------
-
-def _global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
-@jax.jit
-def _norms(params, start):
-  norm = jax.vmap(_global_norm)(params)
-  dist = jax.vmap(lambda a, b: _global_norm(jax.tree.map(jnp.subtract, a, b)))(params, start)
-  return norm, dist
-
-
-def stage_diagnostics(study, states, start, buffer) -> dict:
-  """Plasticity diagnostics at the end of a stage, per seed."""
-  out = {}
-  if jax.tree.leaves(start):
-    norm, dist = _norms(states.params, start)
-    out["param_norm"] = [float(x) for x in np.asarray(norm)]
-    out["dist_from_stage_start"] = [float(x) for x in np.asarray(dist)]
-  return out

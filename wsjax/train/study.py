@@ -32,6 +32,7 @@ from wsjax import parallel
 from wsjax import results as results_lib
 from wsjax.data import epoch_batches, load_dataset, make_schedule
 from wsjax.models import get_model
+from wsjax.train import diagnostics
 from wsjax.train import methods as methods_lib
 from wsjax.train.optim import OptimizerConfig, make_optimizer
 from wsjax.train.policies import StageContext
@@ -139,6 +140,7 @@ class Study:
       augment_fn = augment_images
     self._augment_fn = augment_fn
     self._steppers: dict[Any, Stepper] = {}
+    self.source = self._warm_start_source()  # checked before any file is written
 
   # ---- pieces ---------------------------------------------------------------
   def fresh_states(self, stage: int, salt: int = 0) -> TrainState:
@@ -175,7 +177,7 @@ class Study:
   # ---- the study ------------------------------------------------------------
   def run(self) -> dict:
     cfg = self.cfg
-    source = self._warm_start_source()
+    source = self.source
     out = {"experiment": cfg.experiment, "config": cfg.to_dict(),
            "environment": results_lib.environment(), "methods": {}}
     n_stages = len(self.schedule.stages)
@@ -244,11 +246,11 @@ class Study:
       s = pos["stage"]
       buffer = self.schedule.stages[s]
       t0 = time.perf_counter()
+      ctx = StageContext(stage=s, seeds=self.seeds, tx=self.tx,
+                         fresh=lambda s=s: self.fresh_states(s), data_x=self.data_x,
+                         data_y=self.data_y, arrivals=self.schedule.new[:s + 1],
+                         model=self.model, stepper=stepper)
       if not pos["started"]:
-        ctx = StageContext(stage=s, seeds=self.seeds, tx=self.tx,
-                           fresh=lambda s=s: self.fresh_states(s), data_x=self.data_x,
-                           data_y=self.data_y, arrivals=self.schedule.new[:s + 1],
-                           model=self.model, stepper=stepper)
         states = spec.prepare(states, ctx, cfg.method_params)
         if spec.make_reg is not None and not jax.tree.leaves(reg):
           reg = spec.make_reg(states, cfg.method_params)
@@ -309,7 +311,8 @@ class Study:
                 "epochs": int(pos["epoch"]),
                 "wall_s": float(pos["stage_wall_s"] + time.perf_counter() - t0)}
       if cfg.diagnostics:
-        record.update(methods_lib.stage_diagnostics(self, states, start, buffer))
+        record.update(diagnostics.stage_diagnostics(self, states, start, buffer, ctx,
+                                                    cfg.method_params))
       pos["stages"].append(record)
       pos.update(stage=s + 1, started=False)
       start = {}

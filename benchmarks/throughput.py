@@ -1,0 +1,308 @@
+"""Train-step throughput (examples/s), wsjax vs PyTorch eager, on the CPU.
+
+* MLP (40-100-100-10) and the 1-D ConvNet (8,010 parameters) on MNIST-1D:
+  wsjax trains 1 seed with `Stepper` blocks of 32 steps (one compiled
+  `lax.scan` per epoch of 4,000 examples at batch 128); PyTorch runs the
+  official code's eager loop, both with batches cut from a per-epoch
+  permutation by indexing the data tensor ("index", the same batches as
+  wsjax) and through a `DataLoader(TensorDataset, shuffle=True)` as the
+  DASH code does ("dataloader").
+* CIFAR ResNet-18 (width 64) on random 32x32x3 inputs: wsjax's jitted
+  single `train_step` vs PyTorch `model.train()` steps.
+
+SGD (lr 1e-2, momentum 0.9), batch 128, float32. Each side runs in its own
+process; after warm-up (2 calls, the first one compiles) the sides alternate
+for several rounds and the median examples/s is reported.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from benchmarks import common
+
+BATCH = 128
+LR = 1e-2
+MOMENTUM = 0.9
+SMALL_MODELS = ("mlp", "conv1d")
+
+
+# ---------------------------------------------------------------------------
+# wsjax sides.
+
+class JaxSmall:
+  """wsjax `Stepper` blocks for one seed of a small model on MNIST-1D."""
+
+  def __init__(self, model: str, block_steps: int = 32, seeds: int = 1):
+    import jax
+    from wsjax import parallel
+    from wsjax.data import load_dataset
+    from wsjax.models import get_model
+    from wsjax.train.optim import OptimizerConfig, make_optimizer
+    from wsjax.train.state import create_state, make_variables_init, seed_keys
+    from wsjax.train.steps import Stepper
+
+    ds = load_dataset("mnist1d")
+    self.n_train = len(ds.y_train)
+    self.model = get_model(model, ds.num_classes)
+    tx = make_optimizer(OptimizerConfig(name="sgd", lr=LR, momentum=MOMENTUM))
+    self.stepper = Stepper(self.model, tx, batch_size=BATCH, block_steps=block_steps)
+    init = make_variables_init(self.model, ds.input_shape)
+    fresh = jax.jit(jax.vmap(lambda k: create_state(init, tx, k)),
+                    out_shardings=parallel.replicated())
+    self.seeds = seeds
+    self.states = fresh(seed_keys(range(seeds), 0))
+    self.data_x = parallel.put_replicated(ds.x_train)
+    self.data_y = parallel.put_replicated(ds.y_train.astype(np.int32))
+    self.active = np.ones(seeds, bool)
+    self.k = block_steps
+    self.epoch = 0
+    self._pending = np.zeros((0, seeds, BATCH), np.int64)
+    # Warm-up: the first call compiles; a second call catches a possible
+    # recompilation when the donated states come back with new shardings.
+    t0 = time.perf_counter()
+    self._block()
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    self._block()
+    second = time.perf_counter() - t0
+    self._block()
+    self.info = {"first_call_s": first, "second_call_s": second,
+                 "compile_s": max(first - second, 0.0), "devices": jax.device_count(),
+                 "block_steps": block_steps, "seeds": seeds}
+
+  def _next_indices(self):
+    """The next block of indices (K, S, B), from per-seed epoch permutations."""
+    from wsjax.data import epoch_batches
+    while len(self._pending) < self.k:
+      buffer = np.arange(self.n_train)
+      order = np.stack([epoch_batches(buffer, BATCH, s, 0, self.epoch)
+                        for s in range(self.seeds)], 1)
+      self._pending = np.concatenate([self._pending, order])
+      self.epoch += 1
+    idx, self._pending = self._pending[:self.k], self._pending[self.k:]
+    return idx
+
+  def _block(self):
+    idx = self._next_indices()
+    self.states, steps, _, loss = self.stepper.train_block(
+        self.states, self.active, self.data_x, self.data_y, idx, np.ones(self.k, bool))
+    return int(steps.sum())
+
+  def run(self, n_steps: int) -> dict:
+    """Trains `n_steps` steps (a multiple of the block) and times them."""
+    t0 = time.perf_counter()
+    done = 0
+    while done < n_steps:
+      self._block()
+      done += self.k
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "steps": done, "examples": done * BATCH * self.seeds}
+
+
+class JaxResNet:
+  """wsjax's jitted `train_step` for the CIFAR ResNet-18 on random inputs."""
+
+  def __init__(self, batch: int = BATCH, width: int = 64, dtype: str = "float32",
+               matmul_precision: str = "", warmup: int = 2):
+    import jax
+    import jax.numpy as jnp
+    from wsjax.models import get_model
+    from wsjax.train.optim import OptimizerConfig, make_optimizer
+    from wsjax.train.state import create_state, make_variables_init
+    from wsjax.train.steps import make_train_step
+
+    if matmul_precision:
+      jax.config.update("jax_default_matmul_precision", matmul_precision)
+    model = get_model("resnet18", 10, width=width)
+    tx = make_optimizer(OptimizerConfig(name="sgd", lr=LR, momentum=MOMENTUM))
+    init = make_variables_init(model, (32, 32, 3))
+    self.state = jax.jit(lambda k: create_state(init, tx, k))(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(1)
+    self.x = jax.random.normal(key, (batch, 32, 32, 3), jnp.dtype(dtype))
+    self.y = jax.random.randint(key, (batch,), 0, 10)
+    self.step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
+    self.batch = batch
+    times = []
+    for _ in range(warmup):
+      t0 = time.perf_counter()
+      self._step()
+      times.append(time.perf_counter() - t0)
+    self.info = {"first_call_s": times[0], "warm_call_s": times[-1],
+                 "compile_s": max(times[0] - times[-1], 0.0), "batch": batch,
+                 "matmul_precision": matmul_precision or "default"}
+
+  def _step(self):
+    self.state, (loss, _) = self.step(self.state, self.x, self.y, None)
+    loss.block_until_ready()
+
+  def run(self, n_steps: int) -> dict:
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+      self._step()
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "steps": n_steps, "examples": n_steps * self.batch}
+
+
+# ---------------------------------------------------------------------------
+# PyTorch sides.
+
+class TorchSmall:
+  """The official code's eager loop for one seed of a small model on MNIST-1D."""
+
+  def __init__(self, model: str, loader: str = "index", threads: int = 0):
+    from benchmarks import torch_reference as ref
+    torch = ref.require_torch()
+    from wsjax.data import load_dataset
+
+    self.threads = ref.set_threads(threads or common.cpu_count())
+    torch.manual_seed(0)
+    ds = load_dataset("mnist1d")
+    self.x = ref.to_torch_inputs(model, ds.x_train)
+    self.y = torch.from_numpy(ds.y_train.astype(np.int64))
+    self.net = ref.make_model(model)
+    self.opt = ref.sgd(self.net, LR, MOMENTUM)
+    self.criterion = torch.nn.CrossEntropyLoss()
+    self.loader_kind = loader
+    if loader == "dataloader":
+      self.loader = torch.utils.data.DataLoader(
+          torch.utils.data.TensorDataset(self.x, self.y), batch_size=BATCH, shuffle=True)
+    elif loader != "index":
+      raise ValueError(f"unknown loader {loader!r}")
+    self.epoch = 0
+    self.ref = ref
+    self.net.train()
+    t0 = time.perf_counter()
+    self.run(32)
+    self.info = {"threads": self.threads, "loader": loader,
+                 "warmup_s": time.perf_counter() - t0}
+
+  def _epoch_batches(self):
+    from wsjax.data import epoch_batches
+    if self.loader_kind == "dataloader":
+      yield from self.loader
+    else:
+      order = epoch_batches(np.arange(len(self.y)), BATCH, 0, 0, self.epoch)
+      yield from self.ref.index_batches(self.x, self.y, order)
+    self.epoch += 1
+
+  def run(self, n_steps: int) -> dict:
+    t0 = time.perf_counter()
+    done = examples = 0
+    self.net.train()
+    while done < n_steps:
+      for inputs, targets in self._epoch_batches():
+        self.ref.train_step(self.net, self.opt, self.criterion, inputs, targets)
+        done += 1
+        examples += len(targets)
+        if done == n_steps:
+          break
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "steps": done, "examples": examples}
+
+
+class TorchResNet:
+  """PyTorch eager `model.train()` steps of the CIFAR ResNet-18 (NCHW)."""
+
+  def __init__(self, batch: int = BATCH, threads: int = 0, warmup: int = 1,
+               channels_last: bool = False):
+    from benchmarks import torch_reference as ref
+    torch = ref.require_torch()
+    self.threads = ref.set_threads(threads or common.cpu_count())
+    torch.manual_seed(0)
+    self.net = ref.make_model("resnet18")
+    self.x = torch.randn(batch, 3, 32, 32)
+    if channels_last:
+      self.net = self.net.to(memory_format=torch.channels_last)
+      self.x = self.x.contiguous(memory_format=torch.channels_last)
+    self.y = torch.randint(0, 10, (batch,))
+    self.opt = ref.sgd(self.net, LR, MOMENTUM)
+    self.criterion = torch.nn.CrossEntropyLoss()
+    self.batch = batch
+    self.ref = ref
+    self.net.train()
+    t0 = time.perf_counter()
+    self.run(warmup)
+    self.info = {"threads": self.threads, "warmup_s": time.perf_counter() - t0,
+                 "channels_last": channels_last}
+
+  def run(self, n_steps: int) -> dict:
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+      self.ref.train_step(self.net, self.opt, self.criterion, self.x, self.y)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "steps": n_steps, "examples": n_steps * self.batch}
+
+
+# ---------------------------------------------------------------------------
+# The benchmark.
+
+def _summarize(runs: list[dict]) -> dict:
+  rates = [r["examples"] / r["seconds"] for r in runs]
+  return {"examples_per_s": common.median(rates), "runs": runs,
+          "examples_per_s_all": rates}
+
+
+def _compare(name: str, sides: dict, rounds: int, n_steps: int) -> dict:
+  """Alternates the sides' `run(n_steps)`; medians, ratios vs the first torch side."""
+  out = {"model": name, "steps_per_run": n_steps, "rounds": rounds, "sides": {}}
+  runs = common.alternate(sides, "run", rounds, n_steps)
+  for side, worker in sides.items():
+    out["sides"][side] = {**_summarize(runs[side]), "setup_s": worker.setup_s,
+                          "info": worker.info, "peak_rss_mb": worker.peak_rss_mb()}
+  torch_sides = [s for s in out["sides"] if s.startswith("torch")]
+  if torch_sides and "wsjax" in out["sides"]:
+    w = out["sides"]["wsjax"]["examples_per_s"]
+    out["ratio_wsjax_over_torch"] = {s: w / out["sides"][s]["examples_per_s"] for s in torch_sides}
+  return out
+
+
+def run(quick: bool = False) -> dict:
+  """Runs every model; returns the result dict (see `report`)."""
+  threads = common.cpu_count()
+  have_torch = common.torch_available()
+  result = {"benchmark": "throughput", "environment": common.environment(),
+            "batch": BATCH, "torch_threads": threads if have_torch else None,
+            "quick": quick, "models": {}}
+  if not have_torch:
+    result["note"] = "PyTorch not installed: wsjax side only (pip install wsjax[bench])"
+    common.log(result["note"])
+  small_steps = 256 if quick else 1024
+  small_rounds = 2 if quick else 3
+  for name in SMALL_MODELS:
+    common.log(f"throughput: {name} ...")
+    sides = {"wsjax": common.Worker("benchmarks.throughput:JaxSmall", model=name)}
+    if have_torch:
+      sides["torch_index"] = common.Worker("benchmarks.throughput:TorchSmall", model=name,
+                                           loader="index", threads=threads)
+      sides["torch_dataloader"] = common.Worker("benchmarks.throughput:TorchSmall", model=name,
+                                                loader="dataloader", threads=threads)
+    try:
+      result["models"][name] = _compare(name, sides, small_rounds, small_steps)
+    finally:
+      for w in sides.values():
+        w.close()
+  common.log("throughput: resnet18 ...")
+  sides = {"wsjax": common.Worker("benchmarks.throughput:JaxResNet", warmup=2)}
+  if have_torch:
+    sides["torch_eager"] = common.Worker("benchmarks.throughput:TorchResNet", threads=threads)
+  try:
+    result["models"]["resnet18"] = _compare("resnet18", sides, 1 if quick else 3, 1 if quick else 2)
+  finally:
+    for w in sides.values():
+      w.close()
+  return result
+
+
+def report(result: dict) -> str:
+  rows = []
+  for name, m in result["models"].items():
+    for side, s in m["sides"].items():
+      ratio = m.get("ratio_wsjax_over_torch", {}).get(side)
+      compile_s = s["info"].get("compile_s")
+      rows.append([name, side, s["examples_per_s"], 1000 * BATCH / s["examples_per_s"],
+                   compile_s, s["peak_rss_mb"],
+                   None if ratio is None else f"{ratio:.2f}x"])
+  return common.table(rows, ["model", "side", "examples/s", "ms/step", "compile s",
+                             "peak RSS MiB", "wsjax/this"])

@@ -1,0 +1,56 @@
+"""DASH's stationary chunked framework (Shin et al., NeurIPS 2024).
+
+The training set is split at random into equal chunks that arrive one at a
+time and accumulate; at every stage each method trains on the whole buffer
+until its epoch-mean training accuracy reaches the threshold (with a cap).
+Compares cold, warm, warm_rm, sp, reset, l2_init and DASH by final test
+accuracy, mean test accuracy over stages and total optimizer steps, and
+records plasticity diagnostics (dead ReLUs, norms, DASH cosines) per stage.
+
+    python -m experiments.dash                       # MNIST-1D (large), 1-D ConvNet, 5 seeds
+    python -m experiments.dash --chunks=20 --methods=cold,warm,dash
+    python -m experiments.dash --dataset=cifar10 --model=resnet18 --chunks=50 --lr=1e-3
+
+Writes WORKDIR/results.json, test_accuracy.png, cumulative_steps.png and
+diagnostics.png, and prints a table.
+"""
+from __future__ import annotations
+
+from absl import app
+
+from experiments import common
+
+common.define_study_flags(
+    workdir="runs/dash", dataset="mnist1d_large", model="conv1d", optimizer="sgd", lr=0.05,
+    momentum=0.9, schedule="chunks", chunks=10, threshold=0.99, max_epochs=30,
+    methods="cold,warm,sp,dash")
+FLAGS = common.FLAGS
+
+
+def run() -> None:
+  common.run_study("dash", plots=_plots)
+
+
+def _plots(out: dict, workdir: str) -> list[str]:
+  import os
+  from wsjax import plotting
+  plotting.plot_per_stage(out, os.path.join(workdir, "test_accuracy.png"),
+                          title="DASH framework: test accuracy per stage")
+  plotting.plot_per_stage(out, os.path.join(workdir, "cumulative_steps.png"), key="steps",
+                          ylabel="optimizer steps (cumulative)", scale=1.0, cumulative=True,
+                          title="DASH framework: cumulative steps")
+  names = ["test_accuracy.png", "cumulative_steps.png"]
+  if out["config"]["diagnostics"]:
+    plotting.plot_diagnostics(out, os.path.join(workdir, "diagnostics.png"))
+    names.append("diagnostics.png")
+  return names
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  common.run_main(run)
+
+
+if __name__ == "__main__":
+  app.run(main)

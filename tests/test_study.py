@@ -1,0 +1,154 @@
+"""The main job end to end, resumption after kill -9, warm-start sources, and
+clear errors, against the real program (subprocesses) and the real orbax."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+
+TINY = ["--dataset=mnist1d", "--model=conv1d", "--channels=8", "--batch_size=64",
+        "--fraction=0.5", "--seeds=2", "--threshold=0", "--max_epochs=2", "--progress=false",
+        "--block_steps=8"]
+
+
+@pytest.fixture(scope="module")
+def env(data_dir, tmp_path_factory):
+  cache = str(tmp_path_factory.mktemp("xla_cache"))
+  return {"TFDS_DATA_DIR": data_dir, "WSJAX_TEST": "1"}, cache
+
+
+def _args(env_cache, workdir, *extra):
+  _, cache = env_cache
+  return [*TINY, f"--workdir={workdir}", f"--compilation_cache_dir={cache}", *extra]
+
+
+def _strip_times(results):
+  for m in results["methods"].values():
+    for s in m["stages"]:
+      s.pop("wall_s")
+  return results
+
+
+@pytest.fixture(scope="module")
+def reference_run(env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("ref")
+  p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=cold,warm,sp,dash"), env=env[0])
+  assert p.returncode == 0, p.stderr[-3000:]
+  return workdir, p
+
+
+def test_cli_writes_results_table_and_plot(reference_run):
+  workdir, p = reference_run
+  results = json.load(open(workdir / "results.json"))
+  assert set(results) == {"experiment", "config", "environment", "methods"}
+  assert results["environment"]["devices"] == 1 and results["environment"]["processes"] == 1
+  assert list(results["methods"]) == ["cold", "warm", "sp", "dash"]
+  for m in results["methods"].values():
+    assert [s["n_train"] for s in m["stages"]] == [2000, 4000]
+    for s in m["stages"]:
+      assert len(s["test_acc"]) == len(s["train_acc"]) == len(s["steps"]) == 2
+      assert all(0 <= a <= 1 for a in s["test_acc"])
+    # fixed 2 epochs of ceil(n / 64) steps
+    assert m["stages"][0]["steps"] == [2 * 32, 2 * 32]
+    assert m["stages"][1]["steps"] == [2 * 63, 2 * 63]
+    assert m["final_test_acc"]["mean"] == pytest.approx(np.mean(m["stages"][-1]["test_acc"]))
+  png = open(workdir / "test_accuracy.png", "rb").read()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+  assert "final test acc" in p.stdout and "dash" in p.stdout
+  # warm keeps the stage-0 model: its stage-1 start differs from cold's
+  warm, cold = results["methods"]["warm"], results["methods"]["cold"]
+  assert warm["stages"][0]["test_acc"] == cold["stages"][0]["test_acc"]
+  assert warm["stages"][1]["test_acc"] != cold["stages"][1]["test_acc"]
+
+
+def test_rerun_resumes_and_changed_config_is_refused(reference_run, env):
+  workdir, _ = reference_run
+  before = open(workdir / "results.json").read()
+  p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=cold,warm,sp,dash"), env=env[0])
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert _strip_times(json.loads(before)) == _strip_times(json.load(open(workdir / "results.json")))
+  p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=cold", "--lr=0.01"), env=env[0])
+  assert p.returncode == 2
+  assert "different configuration" in p.stderr and "Traceback" not in p.stderr
+  assert open(workdir / "results.json").read() != ""
+
+
+def test_kill_9_mid_run_then_resume_gives_identical_results(reference_run, env, tmp_path):
+  """kill -9 once checkpoints exist (mid-stage ones too), then run again."""
+  ref, _ = reference_run
+  workdir = tmp_path / "killed"
+  args = _args(env, workdir, "--methods=cold,warm,sp,dash", "--checkpoint_every=20")
+  e = dict(os.environ, **env[0], PYTHONUNBUFFERED="1")
+  e.pop("XLA_FLAGS", None)
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.warm_start", *args], cwd=REPO, env=e,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = workdir / "checkpoints" / "warm"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if ckpts.is_dir() and any(d.name.isdigit() for d in ckpts.iterdir()):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / "results.json").exists()
+  p = run_cli("experiments.warm_start", *args, env=env[0])
+  assert p.returncode == 0, p.stderr[-3000:]
+  got = _strip_times(json.load(open(workdir / "results.json")))
+  want = _strip_times(json.load(open(ref / "results.json")))
+  assert got["methods"] == want["methods"]  # bit-exact on the CPU
+
+
+def test_warm_start_from_another_runs_checkpoint(reference_run, env, tmp_path):
+  ref, _ = reference_run
+  source = ref / "checkpoints" / "cold"
+  workdir = tmp_path / "from_source"
+  p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=warm", "--fraction=1.0",
+                                               "--max_epochs=1", f"--warm_start_from={source}"), env=env[0])
+  assert p.returncode == 0, p.stderr[-3000:]
+  results = json.load(open(workdir / "results.json"))
+  cold_final = json.load(open(ref / "results.json"))["methods"]["cold"]["stages"][-1]["test_acc"]
+  # one more epoch on all data from the cold run's final model: close to it,
+  # far above the ~10-30% of a fresh model after one epoch
+  got = results["methods"]["warm"]["stages"][0]["test_acc"]
+  assert min(got) > min(cold_final) - 0.1
+  assert results["config"]["warm_start_from"] == str(source)
+
+
+def test_warm_start_source_mismatch_lists_paths(reference_run, env, tmp_path):
+  ref, _ = reference_run
+  p = run_cli("experiments.warm_start", *_args(env, tmp_path / "mm", "--methods=warm", "--channels=16",
+                                               f"--warm_start_from={ref}/checkpoints/cold"), env=env[0])
+  assert p.returncode == 2, p.stderr[-2000:]
+  line = p.stderr.strip().splitlines()[-1]
+  assert "does not match the model" in line and "conv1" in line and "(5, 1, 8)" in line and "(5, 1, 16)" in line
+  assert not (tmp_path / "mm" / "results.json").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--dataset=imagenet7"], "unknown dataset"),
+    (["--model=transformer"], "unknown model"),
+    (["--methods=cold,magic"], "unknown method"),
+    (["--optimizer=lion"], "unknown optimizer"),
+    (["--lr=-0.1"], "learning rate must be positive"),
+    (["--shrink=1.5", "--methods=shrink_perturb"], "--shrink must be in [0, 1]"),
+    (["--fraction=1.5"], "fraction"),
+    (["--schedule=chunks", "--chunks=0"], "chunk"),
+    (["--batch_size=100000"], "batch size"),
+    (["--warm_start_from=/nonexistent/ckpt"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_2(env, tmp_path, extra, message):
+  workdir = tmp_path / "w"
+  p = run_cli("experiments.warm_start", *_args(env, workdir, *extra), env=env[0])
+  assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+  lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+  assert lines[-1].startswith("error: ") and message.lower() in lines[-1].lower(), lines[-1]
+  assert "Traceback" not in p.stderr
+  assert not (workdir / "results.json").exists()

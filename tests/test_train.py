@@ -1,0 +1,139 @@
+"""The training core: steps lower the loss, seeds under vmap equal seeds one by
+one, 8 simulated devices equal 1, checkpoints round-trip and resume."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from wsjax import parallel
+from wsjax.data import epoch_batches, load_dataset
+from wsjax.models import get_model
+from wsjax.train.optim import OptimizerConfig, make_optimizer
+from wsjax.train.state import create_state, make_variables_init, seed_keys
+from wsjax.train.steps import Stepper, make_train_step
+from wsjax.train.stopping import StoppingRule
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def mnist1d(data_dir):
+  return load_dataset("mnist1d", data_dir)
+
+
+def _setup(ds, model_name="conv1d", opt="adam", lr=1e-3):
+  model = get_model(model_name, ds.num_classes)
+  tx = make_optimizer(OptimizerConfig(name=opt, lr=lr))
+  init = make_variables_init(model, ds.input_shape)
+  fresh = jax.jit(jax.vmap(lambda k: create_state(init, tx, k)),
+                  out_shardings=parallel.replicated())
+  return model, tx, fresh
+
+
+def test_train_step_lowers_the_loss(mnist1d):
+  model, tx, fresh = _setup(mnist1d, lr=1e-2)
+  state = jax.tree.map(lambda x: x[0], fresh(seed_keys([0], 0)))
+  step = jax.jit(make_train_step(model, tx))
+  x, y = jnp.asarray(mnist1d.x_train[:128]), jnp.asarray(mnist1d.y_train[:128])
+  losses = []
+  for _ in range(30):
+    state, (loss, _) = step(state, x, y, None)
+    losses.append(float(loss))
+  assert losses[-1] < 0.7 * losses[0]
+  assert int(state.step) == 30
+
+
+def _run_blocks(ds, seeds, n_blocks=3, k=8, active=None):
+  model, tx, fresh = _setup(ds)
+  states = fresh(seed_keys(seeds, 0))
+  stepper = Stepper(model, tx, batch_size=64, block_steps=k)
+  x = parallel.put_replicated(ds.x_train[:1000])
+  y = parallel.put_replicated(ds.y_train[:1000])
+  buffer = np.arange(1000)
+  order = np.stack([epoch_batches(buffer, 64, s, 0, 0) for s in seeds], 1)  # (16, S, 64)
+  act = np.ones(len(seeds), bool) if active is None else active
+  total = []
+  for b in range(n_blocks):
+    sl = order[b * k:(b + 1) * k]
+    valid = np.arange(k) < len(sl)
+    sl = np.concatenate([sl, np.zeros((k - len(sl), *sl.shape[1:]), sl.dtype)])
+    states, steps, correct, loss = stepper.train_block(states, act, x, y, sl, valid)
+    total.append(steps)
+  return parallel.to_host(states), np.sum(total, 0)
+
+
+def test_vmapped_seeds_equal_seeds_one_by_one(mnist1d):
+  together, steps = _run_blocks(mnist1d, [0, 1, 2])
+  for i, s in enumerate([0, 1, 2]):
+    alone, _ = _run_blocks(mnist1d, [s])
+    chex_close = jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b[0], rtol=2e-5, atol=2e-6),
+                              together.params, alone.params)
+    del chex_close
+  # 2 full blocks of 8 steps (16 steps per epoch; the third block is past the end)
+  np.testing.assert_array_equal(steps, [16, 16, 16])
+
+
+def test_inactive_seeds_are_frozen(mnist1d):
+  model, tx, fresh = _setup(mnist1d)
+  before = parallel.to_host(fresh(seed_keys([0, 1], 0)))
+  after, steps = _run_blocks(mnist1d, [0, 1], active=np.array([True, False]))
+  np.testing.assert_array_equal(steps, [16, 0])
+  for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before.params)):
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.allclose(a[0], b[0])
+
+
+def test_stopping_rule():
+  rule = StoppingRule(threshold=0.99, max_epochs=3)
+  act = rule.still_active(np.array([True, True, False]), np.array([0.995, 0.5, 0.1]), 1)
+  np.testing.assert_array_equal(act, [False, True, False])
+  assert not rule.still_active(np.array([True]), np.array([0.1]), 3).any()
+  with pytest.raises(ValueError):
+    StoppingRule(threshold=1.5).validate()
+
+
+_EIGHT_DEVICES = r"""
+import json, sys, numpy as np, jax
+sys.path.insert(0, {tests!r})
+from test_train import _run_blocks
+from wsjax.data import load_dataset
+ds = load_dataset("mnist1d", {data_dir!r})
+states, steps = _run_blocks(ds, [0, 1])
+print(json.dumps({{"devices": jax.device_count(),
+                  "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves(states.params)]}}))
+"""
+
+
+def test_eight_devices_equal_one_device(data_dir):
+  """The same program on 8 simulated CPU devices (batch sharded) and on 1."""
+  outs = {}
+  for n in (1, 8):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+    code = _EIGHT_DEVICES.format(tests=os.path.join(REPO, "tests"), data_dir=data_dir)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    outs[n] = json.loads(p.stdout.strip().splitlines()[-1])
+  assert outs[1]["devices"] == 1 and outs[8]["devices"] == 8
+  for a, b in zip(outs[1]["leaves"], outs[8]["leaves"]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_optimizer_validation():
+  with pytest.raises(ValueError, match="learning rate"):
+    make_optimizer(OptimizerConfig(lr=-1.0))
+  with pytest.raises(ValueError, match="unknown optimizer"):
+    make_optimizer(OptimizerConfig(name="lion"))
+  sgd = make_optimizer(OptimizerConfig(name="sgd", lr=0.1, momentum=0.9))
+  params = {"w": jnp.ones(3)}
+  state = sgd.init(params)
+  upd, state = sgd.update({"w": jnp.ones(3)}, state, params)
+  upd, state = sgd.update({"w": jnp.ones(3)}, state, params)
+  # PyTorch SGD momentum: buf = 0.9*buf + g -> second step -0.1 * 1.9
+  np.testing.assert_allclose(upd["w"], -0.19 * np.ones(3), rtol=1e-6)
