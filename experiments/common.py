@@ -166,24 +166,15 @@ def prepare_workdir(workdir: str, config) -> None:
     multihost_utils.sync_global_devices("workdir ready")
 
 
-class _Terminated(Exception):
-  pass
-
-
-def _on_sigterm(signum, frame):
-  raise _Terminated()
-
-
 def run_main(body: Callable[[], None]) -> None:
   """Runs `body`, turning user mistakes into one line and exit code 2."""
   from wsjax.checkpoint import CheckpointError
-  from wsjax.train.study import TrainingDivergedError
-  signal.signal(signal.SIGTERM, _on_sigterm)
+  from wsjax.train.study import Preempted, TrainingDivergedError, request_stop
+  signal.signal(signal.SIGTERM, request_stop)
   try:
     body()
-  except _Terminated:
-    print("terminated: the latest checkpoint is kept; run the same command to resume",
-          file=sys.stderr)
+  except Preempted as e:
+    print(f"preempted: {e}; run the same command to resume", file=sys.stderr)
     sys.exit(143)
   except (ValueError, CheckpointError, TrainingDivergedError) as e:
     if os.environ.get("WSJAX_DEBUG"):

@@ -152,3 +152,100 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, extra, message):
   assert lines[-1].startswith("error: ") and message.lower() in lines[-1].lower(), lines[-1]
   assert "Traceback" not in p.stderr
   assert not (workdir / "results.json").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes(reference_run, env, tmp_path):
+  ref, _ = reference_run
+  workdir = tmp_path / "term"
+  args = _args(env, workdir, "--methods=cold,warm,sp,dash")
+  e = dict(os.environ, **env[0], PYTHONUNBUFFERED="1")
+  e.pop("XLA_FLAGS", None)
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.warm_start", *args], cwd=REPO, env=e,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  ckpts = workdir / "checkpoints" / "cold"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and not (
+      ckpts.is_dir() and any(d.name.isdigit() for d in ckpts.iterdir())):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  if proc.returncode == 0:
+    pytest.skip("the run finished before SIGTERM arrived")
+  assert proc.returncode == 143, err[-2000:]
+  assert "preempted" in err and "Traceback" not in err
+  p = run_cli("experiments.warm_start", *args, env=env[0])
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "resuming" in p.stdout + p.stderr
+  got = _strip_times(json.load(open(workdir / "results.json")))
+  assert got["methods"] == _strip_times(json.load(open(ref / "results.json")))["methods"]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(reference_run, env, tmp_path):
+  import shutil
+  ref, _ = reference_run
+  workdir = tmp_path / "corrupt"
+  shutil.copytree(ref, workdir)
+  latest = max((d for d in (workdir / "checkpoints" / "dash").iterdir() if d.name.isdigit()),
+               key=lambda d: int(d.name))
+  (latest / "meta" / "metadata").write_text("{not json")
+  before = (workdir / "results.json").read_bytes()
+  p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=cold,warm,sp,dash"), env=env[0])
+  assert p.returncode == 2, p.stderr[-2000:]
+  line = p.stderr.strip().splitlines()[-1]
+  assert "cannot" in line or "no readable" in line, line
+  assert str(latest.name) in line and "Traceback" not in p.stderr
+  assert (workdir / "results.json").read_bytes() == before  # nothing lost
+
+
+def test_non_finite_loss_stops_with_stage_and_step(env, tmp_path):
+  workdir = tmp_path / "nan"
+  p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=cold", "--optimizer=sgd",
+                                               "--lr=1e6", "--momentum=0.9"), env=env[0])
+  assert p.returncode == 2, p.stderr[-2000:]
+  line = p.stderr.strip().splitlines()[-1]
+  assert "non-finite loss" in line and "stage 0" in line and "step" in line, line
+  assert not (workdir / "results.json").exists()
+
+
+def test_unwritable_workdir_and_unprepared_dataset(env, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  p = run_cli("experiments.warm_start", *_args(env, blocker / "sub", "--methods=cold"), env=env[0])
+  assert p.returncode == 2 and "cannot be written" in p.stderr.strip().splitlines()[-1], p.stderr[-1500:]
+  p = run_cli("experiments.warm_start", *_args(env, tmp_path / "w", "--dataset=cifar10",
+                                               f"--data_dir={tmp_path / 'empty'}"), env=env[0])
+  assert p.returncode == 2, p.stderr[-1500:]
+  line = p.stderr.strip().splitlines()[-1]
+  assert "cifar10" in line and "tfds build" in line and "Traceback" not in p.stderr
+
+
+def test_two_processes_equal_one_process_with_the_same_devices(env, tmp_path):
+  """jax.distributed over loopback: 2 processes x 4 CPU devices == 1 x 8."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  common = ["--methods=cold,dash", "--compilation_cache_dir="]
+  base = [a for a in _args(env, tmp_path / "x") if not a.startswith(("--workdir", "--compilation"))]
+  e = dict(os.environ, **env[0], PYTHONUNBUFFERED="1",
+           XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.warm_start", *base, *common, f"--workdir={tmp_path / 'multi'}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "wrote" in outs[0][0] and "wrote" not in outs[1][0]  # only process 0 writes
+  p = run_cli("experiments.warm_start", *base, *common, f"--workdir={tmp_path / 'single'}",
+              env=env[0], devices=8)
+  assert p.returncode == 0, p.stderr[-3000:]
+  multi = json.load(open(tmp_path / "multi" / "results.json"))
+  single = json.load(open(tmp_path / "single" / "results.json"))
+  assert multi["environment"]["processes"] == 2 and multi["environment"]["devices"] == 8
+  assert single["environment"]["processes"] == 1 and single["environment"]["devices"] == 8
+  for name in ("cold", "dash"):
+    for a, b in zip(multi["methods"][name]["stages"], single["methods"][name]["stages"]):
+      assert a["steps"] == b["steps"]
+      np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=2e-3)
+      np.testing.assert_allclose(a["param_norm"], b["param_norm"], rtol=1e-4)

@@ -21,17 +21,22 @@ from wsjax.analysis import plasticity
 COSINE_BINS = 20
 
 
-def _chunks_of(n: int, size: int) -> np.ndarray:
-  """Buffer positions in fixed-size rows, the last row padded with repeats
+def _chunks_of(n: int, size: int, rows: int) -> np.ndarray:
+  """`rows` x `size` buffer positions covering all n, padded with repeats
   (repeats do not change a max)."""
-  rows = -(-n // size)
   pos = np.arange(rows * size) % n
   return pos.reshape(rows, size)
 
 
-def activation_max(model, states, x, buffer: np.ndarray, batch: int = 1024):
-  """Per seed, each sown ReLU unit's max activation over the buffer."""
-  rows = _chunks_of(len(buffer), min(batch, len(buffer)))
+def activation_max(model, states, x, buffer: np.ndarray, batch: int = 1024,
+                   max_examples: int | None = None):
+  """Per seed, each sown ReLU unit's max activation over the buffer.
+
+  `max_examples` (the largest buffer of the study) fixes the number of
+  batches, so every stage reuses one compiled program.
+  """
+  batch = min(batch, len(buffer))
+  rows = _chunks_of(len(buffer), batch, -(-max(len(buffer), max_examples or 0) // batch))
   idx = jnp.asarray(np.asarray(buffer)[rows], jnp.int32)
   return _activation_max(model, states.params, states.batch_stats, x, idx)
 
@@ -55,8 +60,8 @@ def _act_max_impl(model, params, batch_stats, x, idx):
 _activation_max = jax.jit(_act_max_impl, static_argnums=0)
 
 
-def dead_relu(model, states, x, buffer) -> dict:
-  maxima = activation_max(model, states, x, buffer)
+def dead_relu(model, states, x, buffer, max_examples=None) -> dict:
+  maxima = activation_max(model, states, x, buffer, max_examples=max_examples)
   n_seeds = jax.tree.leaves(states.params)[0].shape[0]
   per_seed = []
   for i in range(n_seeds):
@@ -86,7 +91,8 @@ def stage_diagnostics(study, states, start, buffer, ctx, hp) -> dict:
     norm, dist = _norms(states.params, start)
     out["param_norm"] = [float(x) for x in np.asarray(norm)]
     out["dist_from_stage_start"] = [float(x) for x in np.asarray(dist)]
-  out["dead_relu"] = dead_relu(study.model, states, study.data_x, buffer)
+  out["dead_relu"] = dead_relu(study.model, states, study.data_x, buffer,
+                              max_examples=max(len(b) for b in study.schedule.stages))
   grads = dash_signal(states, ctx, hp)
   out["dash_cosine_hist"] = cosine_histograms(states.params, grads, hp.dash_granularity)
   out["dash_cosine_bins"] = [float(e) for e in np.linspace(-1, 1, COSINE_BINS + 1)]

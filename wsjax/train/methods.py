@@ -22,11 +22,13 @@ which the policy then transforms like any previous stage's result).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from wsjax import transforms as T
 from wsjax.train import policies
@@ -117,87 +119,110 @@ def _policy_keys(ctx: policies.StageContext, salt: int) -> jax.Array:
   return seed_keys(ctx.seeds, ctx.stage, salt)
 
 
+# Each policy's computation is one jitted, seed-vmapped function, compiled once
+# per (hyperparameters, shapes) and reused by every stage.
+
+@functools.partial(jax.jit, static_argnames=("shrink", "perturb"))
+def _mix_with_fresh(params, fresh_params, *, shrink, perturb):
+  def one(p, f):
+    return T.apply_transform(T.shrink_perturb(shrink, perturb, init_fn=lambda key: f), p)
+  return jax.vmap(one)(params, fresh_params)
+
+
+@functools.lru_cache(maxsize=None)
+def _vmapped_opt_init(tx):
+  return jax.jit(jax.vmap(tx.init))
+
+
 def _shrink_perturb(prev, ctx, hp: MethodParams):
   fresh = ctx.fresh()
   if prev is None:
     return fresh
+  params = _mix_with_fresh(prev.params, fresh.params, shrink=hp.shrink, perturb=hp.perturb)
+  return fresh.replace(params=params, opt_state=_vmapped_opt_init(ctx.tx)(params))
 
-  @jax.jit
-  def mix(params, fresh_params):
-    def one(p, f):
-      tx = T.shrink_perturb(hp.shrink, hp.perturb, init_fn=lambda key: f, seed=0)
-      return T.apply_transform(tx, p)
-    return jax.vmap(one)(params, fresh_params)
-  params = mix(prev.params, fresh.params)
-  opt_state = jax.jit(jax.vmap(ctx.tx.init))(params)
-  return fresh.replace(params=params, opt_state=opt_state)
+
+@functools.partial(jax.jit, static_argnames=("shrink", "sigma"))
+def _gaussian_perturb(params, keys, *, shrink, sigma):
+  def one(p, key):
+    return T.apply_transform(T.gaussian_shrink_perturb(shrink, sigma, seed=key), p)
+  return jax.vmap(one)(params, keys)
 
 
 def _gaussian_sp(prev, ctx, hp: MethodParams):
   if prev is None:
     return ctx.fresh()
+  params = _gaussian_perturb(prev.params, _policy_keys(ctx, 11), shrink=hp.sp_shrink,
+                            sigma=hp.sp_sigma)
+  return prev.replace(params=params)
 
-  @jax.jit
-  def perturb(params, keys):
-    def one(p, key):
-      return T.apply_transform(T.gaussian_shrink_perturb(hp.sp_shrink, hp.sp_sigma, seed=key), p)
-    return jax.vmap(one)(params, keys)
-  return prev.replace(params=perturb(prev.params, _policy_keys(ctx, 11)))
+
+@functools.partial(jax.jit, static_argnames=("names",))
+def _reset_named(params, fresh_params, *, names):
+  def one(p, f):
+    return T.apply_transform(T.reset_layers(names, init_fn=lambda key: f), p)
+  return jax.vmap(one)(params, fresh_params)
 
 
 def _reset(prev, ctx, hp: MethodParams):
   fresh = ctx.fresh()
   if prev is None:
     return fresh
+  return prev.replace(params=_reset_named(prev.params, fresh.params, names=tuple(hp.reset_layers)))
 
-  @jax.jit
-  def reset(params, fresh_params):
-    def one(p, f):
-      return T.apply_transform(T.reset_layers(hp.reset_layers, init_fn=lambda key: f), p)
-    return jax.vmap(one)(params, fresh_params)
-  return prev.replace(params=reset(prev.params, fresh.params))
+
+@functools.partial(jax.jit, static_argnames=("model", "max_batch"))
+def _chunk_gradient_ema(params, batch_stats, x, y, chunk_indices, chunk_mask, alpha, *,
+                        model, max_batch):
+  """Per seed: DASH's EMA of chunk gradients, model in eval mode."""
+  def one(p, bs):
+    def loss_fn(pp, xb, yb):
+      variables = {"params": pp, **({"batch_stats": bs} if bs else {})}
+      logits = model.apply(variables, xb, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+    return T.dash_gradient(loss_fn, p, x, y, chunk_indices, alpha=alpha, max_batch=max_batch,
+                           chunk_mask=chunk_mask)
+  return jax.vmap(one)(params, batch_stats)
 
 
 def dash_signal(states, ctx: policies.StageContext, hp: MethodParams):
-  """The EMA of per-chunk gradients over the buffer (eval mode), per seed."""
-  model = ctx.model
+  """The EMA of per-chunk gradients over the buffer (eval mode), per seed.
+
+  Equal chunks (DASH's framework) are one scan over a chunk axis padded to
+  the schedule's final length (padding rows masked, first), so every stage
+  reuses one compiled program. Unequal arrivals (two_phase, online) run the
+  same EMA (from zeros) one arrival at a time.
+  """
   arrivals = [np.asarray(a, np.int32) for a in ctx.arrivals]
-
-  def loss_fn(params, batch_stats, xb, yb):
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    logits = model.apply(variables, xb, train=False)
-    import optax
-    return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-  @jax.jit
-  def grads_for(params, batch_stats, chunk_indices, alpha):
-    def one(p, bs):
-      return T.dash_gradient(lambda pp, xb, yb: loss_fn(pp, bs, xb, yb), p, ctx.data_x,
-                             ctx.data_y, chunk_indices, alpha=alpha, max_batch=hp.dash_max_batch)
-    return jax.vmap(one)(params, batch_stats)
-
-  sizes = {len(a) for a in arrivals}
-  if len(sizes) == 1:  # equal chunks (DASH's framework): one scan over all of them
-    return grads_for(states.params, states.batch_stats, np.stack(arrivals), hp.dash_alpha)
-  # unequal arrivals (two_phase, online): the same EMA from zeros, chunk by chunk
+  grads = functools.partial(_chunk_gradient_ema, states.params, states.batch_stats,
+                            ctx.data_x, ctx.data_y, model=ctx.model,
+                            max_batch=hp.dash_max_batch)
+  if len({len(a) for a in arrivals}) == 1:
+    rows = max(ctx.n_stages, len(arrivals))
+    pad = rows - len(arrivals)
+    idx = np.concatenate([np.zeros((pad, len(arrivals[0])), np.int32), np.stack(arrivals)])
+    mask = np.arange(rows) >= pad
+    return grads(idx, mask, np.float32(hp.dash_alpha))
   a = hp.dash_alpha
   g = jax.tree.map(jnp.zeros_like, states.params)
   for chunk in arrivals:
-    gc = grads_for(states.params, states.batch_stats, chunk[None], 1.0)
+    gc = grads(chunk[None], np.ones(1, bool), np.float32(1.0))
     g = jax.tree.map(lambda m, c: (1 - a) * m + a * c, g, gc)
   return g
+
+
+@functools.partial(jax.jit, static_argnames=("lam", "granularity"))
+def _dash_shrink(params, grads, *, lam, granularity):
+  tx = T.dash(lam, granularity=granularity)
+  return jax.vmap(lambda p, g: T.apply_transform(tx, p, g))(params, grads)
 
 
 def _dash(prev, ctx, hp: MethodParams):
   if prev is None:
     return ctx.fresh()
   grads = dash_signal(prev, ctx, hp)
-
-  @jax.jit
-  def shrink(params, grads):
-    tx = T.dash(hp.dash_lambda, granularity=hp.dash_granularity)
-    return jax.vmap(lambda p, g: T.apply_transform(tx, p, g))(params, grads)
-  return prev.replace(params=shrink(prev.params, grads))
+  return prev.replace(params=_dash_shrink(prev.params, grads, lam=hp.dash_lambda,
+                                          granularity=hp.dash_granularity))
 
 
 def _l2_penalty(params, reg):

@@ -37,6 +37,7 @@ class StageContext:
   data_x: jax.Array                # the whole training set (replicated)
   data_y: jax.Array
   arrivals: list[np.ndarray]       # indices that arrived at each stage <= `stage`
+  n_stages: int                    # stages in the whole schedule
   model: Any
   stepper: Any                     # the compiled `Stepper`
 

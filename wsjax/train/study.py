@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -43,6 +44,18 @@ from wsjax.train.stopping import StoppingRule
 
 class TrainingDivergedError(RuntimeError):
   """The loss became non-finite; the last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+  """A stop was requested (SIGTERM); a checkpoint was saved first."""
+
+
+_STOP = threading.Event()
+
+
+def request_stop(*_) -> None:
+  """Signal handler: finish the current block, checkpoint, raise `Preempted`."""
+  _STOP.set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +242,8 @@ class Study:
                f"(stage {pos['stage']}, epoch {pos['epoch']})")
 
     def save(kind: str):
+      if pos["global_step"] in manager.all_steps():  # a preemption save at this step
+        manager.delete(pos["global_step"])
       meta = {"fingerprint": cfg.fingerprint(), "method": method, "kind": kind,
               "has_reg": bool(jax.tree.leaves(reg)), "has_start": bool(jax.tree.leaves(start)),
               "position": pos}
@@ -248,7 +263,7 @@ class Study:
       t0 = time.perf_counter()
       ctx = StageContext(stage=s, seeds=self.seeds, tx=self.tx,
                          fresh=lambda s=s: self.fresh_states(s), data_x=self.data_x,
-                         data_y=self.data_y, arrivals=self.schedule.new[:s + 1],
+                         data_y=self.data_y, arrivals=self.schedule.new[:s + 1], n_stages=n_stages,
                          model=self.model, stepper=stepper)
       if not pos["started"]:
         states = spec.prepare(states, ctx, cfg.method_params)
@@ -285,12 +300,16 @@ class Study:
           pos["epoch_correct"] = (np.asarray(pos["epoch_correct"]) + correct).tolist()
           pos["epoch_seen"] = (np.asarray(pos["epoch_seen"]) + steps * cfg.batch_size).tolist()
           pos["stage_steps"] = (np.asarray(pos["stage_steps"]) + steps).tolist()
-          if pos["block"] < n_blocks and cfg.checkpoint_every and (
+          stop = _STOP.is_set()
+          if stop or cfg.checkpoint_every and (
               pos["global_step"] // cfg.checkpoint_every > prev_step // cfg.checkpoint_every):
             pos["stage_wall_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             pos["periodic"].append(pos["global_step"])
             save("periodic")
+          if stop:
+            raise Preempted(f"[{method}] stopped at stage {s}, step {pos['global_step']}; "
+                            f"checkpoint saved in {manager.directory}")
         # end of epoch: stopping rule
         seen = np.maximum(np.asarray(pos["epoch_seen"]), 1)
         epoch_acc = np.asarray(pos["epoch_correct"]) / seen

@@ -132,7 +132,7 @@ def dash_cosines(params, grads, granularity: str = "kernel_slice",
 
 def dash_gradient(loss_fn: Callable[..., jax.Array], params, x, y,
                   chunk_indices, alpha: float = 0.3,
-                  max_batch: int | None = None):
+                  max_batch: int | None = None, chunk_mask=None):
   """DASH's gradient signal: an EMA of per-chunk gradients in arrival order.
 
   For chunks c = 1..n (rows of `chunk_indices`, oldest first):
@@ -165,6 +165,10 @@ def dash_gradient(loss_fn: Callable[..., jax.Array], params, x, y,
       by their share of the chunk: `sum_j (n_j / chunk_size) * grad_j`. Equal
       to the one-batch gradient whenever the loss is a per-example mean
       (eval mode), up to float rounding.
+    chunk_mask: optional bool `(n_chunks,)`; rows marked False are skipped
+      (the EMA is left unchanged). Lets a caller pad the chunk axis to a
+      fixed length, so one compiled program serves every stage; put the
+      padding rows first.
 
   Returns:
     A gradient tree with the structure of `params`. One `lax.scan` over
@@ -201,11 +205,16 @@ def dash_gradient(loss_fn: Callable[..., jax.Array], params, x, y,
       acc = axpy(rest / chunk_size, batch_grad(idx[n_full * max_batch:]), acc)
     return acc
 
-  def step(m, idx):
-    g = chunk_grad(idx)
-    m = jax.tree.map(lambda a, b: (1.0 - alpha) * a + alpha * b, m, g)
-    return m, None
+  def step(m, inputs):
+    idx, keep = inputs
 
+    def update(m):
+      g = chunk_grad(idx)
+      return jax.tree.map(lambda a, b: (1.0 - alpha) * a + alpha * b, m, g)
+    return jax.lax.cond(keep, update, lambda m: m, m), None
+
+  if chunk_mask is None:
+    chunk_mask = jnp.ones(chunk_indices.shape[:1], bool)
   m0 = jax.tree.map(jnp.zeros_like, params)
-  m, _ = jax.lax.scan(step, m0, chunk_indices)
+  m, _ = jax.lax.scan(step, m0, (chunk_indices, jnp.asarray(chunk_mask, bool)))
   return m

@@ -1,0 +1,185 @@
+"""The DASH chunked protocol on MNIST-1D end to end: wsjax `Study` vs PyTorch.
+
+The protocol (Shin et al., 2024, the official code's `main.py`): the 4,000
+MNIST-1D training examples arrive in 10 equal chunks; at every chunk each
+method trains on the whole buffer (SGD lr 1e-2, momentum 0.9, batch 128)
+until the epoch-mean training accuracy reaches the threshold or the epoch
+cap, then the test accuracy is recorded. Methods: cold (new model and
+optimizer per chunk), warm (keep both), dash (gradient EMA over the chunks
+in eval mode, then cosine shrink per kernel slice / unit / bias); 5 seeds;
+the 1-D ConvNet.
+
+* wsjax: `Study(StudyConfig(...)).run()` as `experiments/warm_start.py` runs
+  it (5 seeds vmapped, blocks of 32 steps, orbax checkpoints at every stage
+  end, per-stage diagnostics), from loading the data to the results, in a
+  fresh process, so XLA compilation is included; the time spent tracing,
+  lowering and compiling is also measured on its own (jax.monitoring).
+* PyTorch: `benchmarks.torch_reference.run_chunked_study`, the official
+  loop: one seed at a time, `DataLoader(ConcatDataset(buffer), 128,
+  shuffle=True)`, eager steps with `.item()` per step, DASH as in
+  `utils/train_utils.py`. (The official per-epoch metric passes,
+  `get_prev_metric`, are left out: they are not part of the protocol.)
+
+Both use the same chunks (`wsjax.data.chunks`, data seed 0), stopping rule,
+methods and seed count. The sides run in the order wsjax, torch, wsjax
+(wsjax's median), each in its own process.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks import common
+
+METHODS = ("cold", "warm", "dash")
+
+
+def protocol(quick: bool) -> dict:
+  return {"dataset": "mnist1d", "model": "conv1d", "n_chunks": 10, "methods": METHODS,
+          "seeds": 5, "lr": 1e-2, "momentum": 0.9, "batch_size": 128,
+          "threshold": 0.99, "max_epochs": 3 if quick else 30, "data_seed": 0}
+
+
+class JaxStudy:
+  """Runs the protocol with `wsjax.train.study.Study` (one run per process)."""
+
+  def __init__(self):
+    import jax  # noqa: F401  (import time is not part of the measurement)
+    import wsjax.train.study  # noqa: F401
+    self.info = {}
+
+  def run(self, p: dict) -> dict:
+    from jax import monitoring
+    from wsjax.train.optim import OptimizerConfig
+    from wsjax.train.stopping import StoppingRule
+    from wsjax.train.study import Study, StudyConfig
+
+    compile_events = {}
+
+    def listen(name, seconds, **kwargs):
+      if name.startswith("/jax/core/compile/"):
+        compile_events[name] = compile_events.get(name, 0.0) + seconds
+    monitoring.register_event_duration_secs_listener(listen)
+    cfg = StudyConfig(
+        experiment="benchmark_study", dataset=p["dataset"], model=p["model"],
+        optimizer=OptimizerConfig(name="sgd", lr=p["lr"], momentum=p["momentum"]),
+        batch_size=p["batch_size"], schedule="chunks",
+        schedule_kwargs=(("n_chunks", p["n_chunks"]),), methods=tuple(p["methods"]),
+        seeds=p["seeds"], data_seed=p["data_seed"],
+        stopping=StoppingRule(threshold=p["threshold"], max_epochs=p["max_epochs"]))
+    with tempfile.TemporaryDirectory(prefix="wsjax-bench-") as workdir:
+      t0 = time.perf_counter()
+      out = Study(cfg, workdir, progress=False, log=lambda s: None).run()
+      wall = time.perf_counter() - t0
+    methods = {}
+    for m, r in out["methods"].items():
+      methods[m] = {"final_test_acc": r["final_test_acc"]["mean"],
+                    "total_steps": float(np.sum(r["total_steps"]["per_seed"])),
+                    "epochs_per_stage": [s["epochs"] for s in r["stages"]]}
+    return {"wall_s": wall, "compile_s": sum(compile_events.values()),
+            "compile_events_s": compile_events, "methods": methods}
+
+
+class TorchStudy:
+  """Runs the protocol with the PyTorch reference, seed after seed."""
+
+  def __init__(self, threads: int = 0):
+    from benchmarks import torch_reference as ref
+    ref.require_torch()
+    self.threads = ref.set_threads(threads or common.cpu_count())
+    self.info = {"threads": self.threads}
+
+  def run(self, p: dict) -> dict:
+    from benchmarks import torch_reference as ref
+    import torch
+    from wsjax.data import chunks, load_dataset
+
+    t0 = time.perf_counter()
+    ds = load_dataset(p["dataset"])
+    x_train = ref.to_torch_inputs(p["model"], ds.x_train)
+    x_test = ref.to_torch_inputs(p["model"], ds.x_test)
+    y_train = torch.from_numpy(ds.y_train.astype(np.int64))
+    y_test = torch.from_numpy(ds.y_test.astype(np.int64))
+    schedule = chunks(len(ds.y_train), p["n_chunks"], p["data_seed"])
+    methods = {}
+    for method in p["methods"]:
+      runs = [ref.run_chunked_study(
+          p["model"], x_train, y_train, x_test, y_test, schedule.new, method, seed,
+          lr=p["lr"], momentum=p["momentum"], batch_size=p["batch_size"],
+          threshold=p["threshold"], max_epochs=p["max_epochs"])
+          for seed in range(p["seeds"])]
+      methods[method] = {
+          "final_test_acc": float(np.mean([r["stages"][-1]["test_acc"] for r in runs])),
+          "total_steps": float(sum(s["steps"] for r in runs for s in r["stages"])),
+          "epochs_per_stage": [float(np.mean([r["stages"][i]["epochs"] for r in runs]))
+                               for i in range(p["n_chunks"])]}
+    return {"wall_s": time.perf_counter() - t0, "methods": methods}
+
+
+def run(quick: bool = False) -> dict:
+  p = protocol(quick)
+  result = {"benchmark": "study", "environment": common.environment(), "protocol": p,
+            "quick": quick, "runs": {"wsjax": [], "torch": []}}
+  have_torch = common.torch_available()
+  order = ["wsjax", "torch", "wsjax"] if have_torch else ["wsjax"]
+  if not have_torch:
+    result["note"] = "PyTorch not installed: wsjax side only (pip install wsjax[bench])"
+    common.log(result["note"])
+  rss = {"wsjax": [], "torch": []}
+  for side in order:
+    common.log(f"study: {side} ...")
+    target = "benchmarks.study:JaxStudy" if side == "wsjax" else "benchmarks.study:TorchStudy"
+    kwargs = {} if side == "wsjax" else {"threads": common.cpu_count()}
+    with common.Worker(target, **kwargs) as w:
+      r = w.call("run", p)
+      rss[side].append(w.peak_rss_mb())
+      if side == "torch":
+        result["torch_threads"] = w.info["threads"]
+    r["load_average_after"] = list(common.load_average())
+    result["runs"][side].append(r)
+    common.log(f"study: {side} {r['wall_s']:.1f} s")
+  summary = {}
+  for side, runs in result["runs"].items():
+    if runs:
+      walls = [r["wall_s"] for r in runs]
+      summary[side] = {"wall_s": common.median(walls), "peak_rss_mb": max(rss[side])}
+      if side == "wsjax":
+        compiles = [r["compile_s"] for r in runs]
+        summary[side]["compile_s"] = common.median(compiles)
+        summary[side]["wall_minus_compile_s"] = common.median(
+            [w - c for w, c in zip(walls, compiles)])
+  if "torch" in summary:
+    t = summary["torch"]["wall_s"]
+    summary["speedup_wsjax_vs_torch"] = t / summary["wsjax"]["wall_s"]
+    summary["speedup_excluding_compile"] = t / summary["wsjax"]["wall_minus_compile_s"]
+  result["summary"] = summary
+  return result
+
+
+def report(result: dict) -> str:
+  s = result["summary"]
+  p = result["protocol"]
+  lines = [f"protocol: {p['model']} on {p['dataset']}, {p['n_chunks']} chunks, "
+           f"methods {','.join(p['methods'])}, {p['seeds']} seeds, threshold "
+           f"{p['threshold']}, max {p['max_epochs']} epochs/stage"]
+  rows = []
+  for side in ("wsjax", "torch"):
+    if side not in s:
+      continue
+    rows.append([side, s[side]["wall_s"], s[side].get("compile_s"),
+                 s[side].get("wall_minus_compile_s"), s[side]["peak_rss_mb"]])
+  lines.append(common.table(rows, ["side", "wall s", "compile s", "wall - compile s",
+                                   "peak RSS MiB"]))
+  rows = []
+  for side in ("wsjax", "torch"):
+    if not result["runs"][side]:
+      continue
+    for m, r in result["runs"][side][0]["methods"].items():
+      rows.append([side, m, r["final_test_acc"], r["total_steps"]])
+  lines.append(common.table(rows, ["side", "method", "final test acc", "steps (all seeds)"]))
+  if "speedup_wsjax_vs_torch" in s:
+    lines.append(f"wsjax end to end is {s['speedup_wsjax_vs_torch']:.2f}x faster than PyTorch "
+                 f"({s['speedup_excluding_compile']:.2f}x without compilation)")
+  return "\n".join(lines)
