@@ -184,6 +184,17 @@ def run_main(body: Callable[[], None]) -> None:
     sys.exit(USAGE_ERROR)
 
 
+def standard_plots(out: dict, workdir: str, title: str) -> list[str]:
+  """test_accuracy.png and (with diagnostics) diagnostics.png."""
+  from wsjax import plotting
+  plotting.plot_per_stage(out, os.path.join(workdir, "test_accuracy.png"), title=title)
+  names = ["test_accuracy.png"]
+  if out["config"]["diagnostics"]:
+    plotting.plot_diagnostics(out, os.path.join(workdir, "diagnostics.png"))
+    names.append("diagnostics.png")
+  return names
+
+
 def run_study(experiment: str, plots: Callable[[dict, str], list]) -> None:
   """flags -> config -> Study in --workdir -> results.json, plots, table."""
   import jax

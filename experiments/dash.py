@@ -34,16 +34,11 @@ def run() -> None:
 def _plots(out: dict, workdir: str) -> list[str]:
   import os
   from wsjax import plotting
-  plotting.plot_per_stage(out, os.path.join(workdir, "test_accuracy.png"),
-                          title="DASH framework: test accuracy per stage")
+  names = common.standard_plots(out, workdir, "DASH framework: test accuracy per stage")
   plotting.plot_per_stage(out, os.path.join(workdir, "cumulative_steps.png"), key="steps",
                           ylabel="optimizer steps (cumulative)", scale=1.0, cumulative=True,
                           title="DASH framework: cumulative steps")
-  names = ["test_accuracy.png", "cumulative_steps.png"]
-  if out["config"]["diagnostics"]:
-    plotting.plot_diagnostics(out, os.path.join(workdir, "diagnostics.png"))
-    names.append("diagnostics.png")
-  return names
+  return names + ["cumulative_steps.png"]
 
 
 def main(argv):

@@ -28,15 +28,7 @@ def run() -> None:
 
 
 def _plots(out: dict, workdir: str) -> list[str]:
-  import os
-  from wsjax import plotting
-  plotting.plot_per_stage(out, os.path.join(workdir, "test_accuracy.png"),
-                          title="warm-start gap: test accuracy per stage")
-  names = ["test_accuracy.png"]
-  if out["config"]["diagnostics"]:
-    plotting.plot_diagnostics(out, os.path.join(workdir, "diagnostics.png"))
-    names.append("diagnostics.png")
-  return names
+  return common.standard_plots(out, workdir, "warm-start gap: test accuracy per stage")
 
 
 def main(argv):

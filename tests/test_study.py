@@ -249,3 +249,32 @@ def test_two_processes_equal_one_process_with_the_same_devices(env, tmp_path):
       assert a["steps"] == b["steps"]
       np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=2e-3)
       np.testing.assert_allclose(a["param_norm"], b["param_norm"], rtol=1e-4)
+
+
+def test_dash_experiment_end_to_end(env, tmp_path):
+  """experiments.dash with every method, tiny flags: table, results.json, plots."""
+  workdir = tmp_path / "dash"
+  methods = "cold,warm,warm_rm,sp,shrink_perturb,reset,l2_init,dash"
+  _, cache = env
+  p = run_cli("experiments.dash", "--dataset=mnist1d", "--channels=8", "--batch_size=64",
+              "--chunks=3", "--seeds=2", "--threshold=0.3", "--max_epochs=2", "--progress=false",
+              "--block_steps=8", f"--methods={methods}", f"--workdir={workdir}",
+              f"--compilation_cache_dir={cache}", env=env[0])
+  assert p.returncode == 0, p.stderr[-3000:]
+  results = json.load(open(workdir / "results.json"))
+  assert list(results["methods"]) == methods.split(",")
+  assert results["config"]["schedule"] == "chunks" and results["config"]["optimizer"]["name"] == "sgd"
+  for name, m in results["methods"].items():
+    assert [s["n_train"] for s in m["stages"]] == [1333, 2666, 3999]
+    assert set(m) >= {"final_test_acc", "mean_test_acc", "total_steps"}
+    for s in m["stages"]:
+      assert set(s) >= {"dead_relu", "param_norm", "dist_from_stage_start", "dash_cosine_hist"}
+      assert sum(s["dash_cosine_hist"]["overall"]) > 0
+      assert all(0 <= f <= 1 for f in s["dead_relu"]["overall"])
+      # the threshold stops each seed on its own, within the 2-epoch cap
+      assert all(0 < st <= 2 * -(-s["n_train"] // 64) for st in s["steps"])
+  # warm's stage-2 start is the trained model: it needs no more steps than cold
+  assert results["methods"]["warm"]["total_steps"]["mean"] <= results["methods"]["cold"]["total_steps"]["mean"]
+  for png in ("test_accuracy.png", "cumulative_steps.png", "diagnostics.png"):
+    assert (workdir / png).read_bytes()[:4] == b"\x89PNG"
+  assert "total steps" in p.stdout

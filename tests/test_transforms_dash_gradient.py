@@ -149,3 +149,15 @@ def test_dash_gradient_on_8_simulated_devices_equals_1():
   assert out["one_vs_loop"] <= tol, out
   assert out["many_vs_one"] <= tol, out
   assert out["sub_vs_one"] <= tol, out
+
+
+def test_dash_gradient_skips_masked_padding_rows():
+  """Leading padding rows with mask False leave the EMA as without them."""
+  loss_fn, params, x, y, chunks = make_problem()
+  want = loop_reference(loss_fn, params, x, y, chunks[:2], 0.3)
+  padded = jnp.concatenate([jnp.zeros((2, CHUNK), chunks.dtype), chunks[:2]])
+  mask = jnp.asarray([False, False, True, True])
+  got = jax.jit(lambda p: T.dash_gradient(loss_fn, p, x, y, padded, 0.3, chunk_mask=mask))(params)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+  unmasked = T.dash_gradient(loss_fn, params, x, y, padded, 0.3)
+  assert not np.allclose(jax.tree.leaves(unmasked)[0], jax.tree.leaves(want)[0])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io
-from typing import Callable, Optional
+from typing import Optional
 
 import matplotlib
 
@@ -21,8 +21,7 @@ def save_figure(fig, path: str) -> None:
 
 
 def plot_per_stage(results: dict, path: str, key: str = "test_acc", *, ylabel: str = "test accuracy (%)",
-                   scale: float = 100.0, cumulative: bool = False, title: Optional[str] = None,
-                   transform: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> None:
+                   scale: float = 100.0, cumulative: bool = False, title: Optional[str] = None) -> None:
   """Mean over seeds per stage for each method, shaded min..max over seeds.
 
   x axis: training-set size at each stage.
@@ -33,8 +32,6 @@ def plot_per_stage(results: dict, path: str, key: str = "test_acc", *, ylabel: s
     vals = np.asarray([s[key] for s in m["stages"]], np.float64) * scale  # (stages, seeds)
     if cumulative:
       vals = np.cumsum(vals, axis=0)
-    if transform is not None:
-      vals = transform(vals)
     mean = vals.mean(1)
     line, = ax.plot(n_train, mean, marker="o", ms=3, label=name)
     ax.fill_between(n_train, vals.min(1), vals.max(1), color=line.get_color(), alpha=0.2)
