@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 
 from wsjax import parallel
 from wsjax.data import epoch_batches, load_dataset
@@ -27,8 +28,20 @@ def mnist1d(data_dir):
   return load_dataset("mnist1d", data_dir)
 
 
+class BatchNormMLP(nn.Module):
+  """A small model with BatchNorm: its statistics must be the global batch's.
+  (No bias before BatchNorm: its gradient is zero up to rounding noise, which
+  Adam would amplify differently on different device counts.)"""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dense(16, use_bias=False)(x.reshape(x.shape[0], -1))
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.Dense(10)(nn.relu(x))
+
+
 def _setup(ds, model_name="conv1d", opt="adam", lr=1e-3):
-  model = get_model(model_name, ds.num_classes)
+  model = BatchNormMLP() if model_name == "bn_mlp" else get_model(model_name, ds.num_classes)
   tx = make_optimizer(OptimizerConfig(name=opt, lr=lr))
   init = make_variables_init(model, ds.input_shape)
   fresh = jax.jit(jax.vmap(lambda k: create_state(init, tx, k)),
@@ -49,8 +62,8 @@ def test_train_step_lowers_the_loss(mnist1d):
   assert int(state.step) == 30
 
 
-def _run_blocks(ds, seeds, n_blocks=3, k=8, active=None):
-  model, tx, fresh = _setup(ds)
+def _run_blocks(ds, seeds, n_blocks=3, k=8, active=None, model_name="conv1d"):
+  model, tx, fresh = _setup(ds, model_name)
   states = fresh(seed_keys(seeds, 0))
   stepper = Stepper(model, tx, batch_size=64, block_steps=k)
   x = parallel.put_replicated(ds.x_train[:1000])
@@ -104,9 +117,11 @@ sys.path.insert(0, {tests!r})
 from test_train import _run_blocks
 from wsjax.data import load_dataset
 ds = load_dataset("mnist1d", {data_dir!r})
-states, steps = _run_blocks(ds, [0, 1])
-print(json.dumps({{"devices": jax.device_count(),
-                  "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves(states.params)]}}))
+out = {{"devices": jax.device_count()}}
+for name in ("conv1d", "bn_mlp"):
+  states, steps = _run_blocks(ds, [0, 1], model_name=name)
+  out[name] = [np.asarray(x).tolist() for x in jax.tree.leaves((states.params, states.batch_stats))]
+print(json.dumps(out))
 """
 
 
@@ -121,8 +136,10 @@ def test_eight_devices_equal_one_device(data_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     outs[n] = json.loads(p.stdout.strip().splitlines()[-1])
   assert outs[1]["devices"] == 1 and outs[8]["devices"] == 8
-  for a, b in zip(outs[1]["leaves"], outs[8]["leaves"]):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  for name in ("conv1d", "bn_mlp"):  # bn_mlp: BatchNorm statistics over the global batch
+    assert len(outs[1][name]) == len(outs[8][name]) == (8 if name == "conv1d" else 7)  # bn_mlp: 5 params + mean, var
+    for a, b in zip(outs[1][name], outs[8][name]):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_optimizer_validation():
