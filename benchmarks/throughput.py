@@ -129,8 +129,9 @@ class JaxResNet:
       t0 = time.perf_counter()
       self._step()
       times.append(time.perf_counter() - t0)
-    self.info = {"first_call_s": times[0], "warm_call_s": times[-1],
-                 "compile_s": max(times[0] - times[-1], 0.0), "batch": batch,
+    first, warm = (times[0], times[-1]) if times else (None, None)
+    self.info = {"first_call_s": first, "warm_call_s": warm,
+                 "compile_s": max(first - warm, 0.0) if times else None, "batch": batch,
                  "matmul_precision": matmul_precision or "default"}
 
   def _step(self):
