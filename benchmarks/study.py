@@ -50,25 +50,44 @@ class JaxStudy:
     import wsjax.train.study  # noqa: F401
     self.info = {}
 
-  def run(self, p: dict) -> dict:
+  def run(self, p: dict, diagnostics: bool = False) -> dict:
+    """One whole study; `diagnostics` turns on the per-stage plasticity
+    diagnostics (the Study's default; the PyTorch reference has none)."""
     from jax import monitoring
+    from wsjax import checkpoint
+    from wsjax.train import steps
     from wsjax.train.optim import OptimizerConfig
     from wsjax.train.stopping import StoppingRule
     from wsjax.train.study import Study, StudyConfig
 
-    compile_events = {}
+    compile_events, by_function = {}, {}
 
     def listen(name, seconds, **kwargs):
       if name.startswith("/jax/core/compile/"):
         compile_events[name] = compile_events.get(name, 0.0) + seconds
+      if name == "/jax/core/compile/backend_compile_duration":
+        fun = kwargs.get("fun_name", "?")
+        n, total = by_function.get(fun, (0, 0.0))
+        by_function[fun] = (n + 1, total + seconds)
     monitoring.register_event_duration_secs_listener(listen)
+    # Where the time goes (each part includes the compilation it triggers).
+    parts = {}
+    _time_calls(parts, "train_blocks", steps.Stepper, "train_block")
+    _time_calls(parts, "evaluate", steps.Stepper, "evaluate")
+    _time_calls(parts, "checkpoint_save", checkpoint, "save")
+    try:
+      from wsjax.train import diagnostics as diag_lib
+      _time_calls(parts, "diagnostics", diag_lib, "stage_diagnostics")
+    except ImportError:
+      pass
     cfg = StudyConfig(
         experiment="benchmark_study", dataset=p["dataset"], model=p["model"],
         optimizer=OptimizerConfig(name="sgd", lr=p["lr"], momentum=p["momentum"]),
         batch_size=p["batch_size"], schedule="chunks",
         schedule_kwargs=(("n_chunks", p["n_chunks"]),), methods=tuple(p["methods"]),
         seeds=p["seeds"], data_seed=p["data_seed"],
-        stopping=StoppingRule(threshold=p["threshold"], max_epochs=p["max_epochs"]))
+        stopping=StoppingRule(threshold=p["threshold"], max_epochs=p["max_epochs"]),
+        diagnostics=diagnostics)
     with tempfile.TemporaryDirectory(prefix="wsjax-bench-") as workdir:
       t0 = time.perf_counter()
       out = Study(cfg, workdir, progress=False, log=lambda s: None).run()
@@ -78,8 +97,30 @@ class JaxStudy:
       methods[m] = {"final_test_acc": r["final_test_acc"]["mean"],
                     "total_steps": float(np.sum(r["total_steps"]["per_seed"])),
                     "epochs_per_stage": [s["epochs"] for s in r["stages"]]}
-    return {"wall_s": wall, "compile_s": sum(compile_events.values()),
-            "compile_events_s": compile_events, "methods": methods}
+    return {"wall_s": wall, "diagnostics": diagnostics,
+            "compile_s": sum(compile_events.values()),
+            "compile_events_s": compile_events,
+            "parts_s": parts,
+            "backend_compile_by_function": {
+                f: {"count": n, "seconds": t} for f, (n, t) in
+                sorted(by_function.items(), key=lambda kv: -kv[1][1])},
+            "methods": methods}
+
+
+def _time_calls(totals: dict, name: str, owner, attr: str) -> None:
+  """Wraps `owner.attr` (in this worker process only) to add its time to totals[name]."""
+  fn = getattr(owner, attr, None)
+  if fn is None:
+    return
+  totals.setdefault(name, 0.0)
+
+  def wrapper(*args, **kwargs):
+    t0 = time.perf_counter()
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      totals[name] += time.perf_counter() - t0
+  setattr(owner, attr, wrapper)
 
 
 class TorchStudy:
@@ -121,19 +162,27 @@ class TorchStudy:
 def run(quick: bool = False) -> dict:
   p = protocol(quick)
   result = {"benchmark": "study", "environment": common.environment(), "protocol": p,
-            "quick": quick, "runs": {"wsjax": [], "torch": []}}
+            "quick": quick, "runs": {"wsjax": [], "torch": [], "wsjax_diagnostics": []}}
   have_torch = common.torch_available()
-  order = ["wsjax", "torch", "wsjax"] if have_torch else ["wsjax"]
+  if quick:
+    order = ["wsjax", "torch"]
+  else:
+    order = ["wsjax", "torch", "wsjax", "wsjax_diagnostics"]
   if not have_torch:
+    order = [s for s in order if s != "torch"]
     result["note"] = "PyTorch not installed: wsjax side only (pip install wsjax[bench])"
     common.log(result["note"])
-  rss = {"wsjax": [], "torch": []}
+  rss = {side: [] for side in result["runs"]}
   for side in order:
     common.log(f"study: {side} ...")
-    target = "benchmarks.study:JaxStudy" if side == "wsjax" else "benchmarks.study:TorchStudy"
-    kwargs = {} if side == "wsjax" else {"threads": common.cpu_count()}
-    with common.Worker(target, **kwargs) as w:
-      r = w.call("run", p)
+    if side == "torch":
+      worker = common.Worker("benchmarks.study:TorchStudy", threads=common.cpu_count())
+      args = (p,)
+    else:
+      worker = common.Worker("benchmarks.study:JaxStudy")
+      args = (p, side == "wsjax_diagnostics")
+    with worker as w:
+      r = w.call("run", *args)
       rss[side].append(w.peak_rss_mb())
       if side == "torch":
         result["torch_threads"] = w.info["threads"]
@@ -145,7 +194,7 @@ def run(quick: bool = False) -> dict:
     if runs:
       walls = [r["wall_s"] for r in runs]
       summary[side] = {"wall_s": common.median(walls), "peak_rss_mb": max(rss[side])}
-      if side == "wsjax":
+      if side != "torch":
         compiles = [r["compile_s"] for r in runs]
         summary[side]["compile_s"] = common.median(compiles)
         summary[side]["wall_minus_compile_s"] = common.median(
@@ -154,6 +203,8 @@ def run(quick: bool = False) -> dict:
     t = summary["torch"]["wall_s"]
     summary["speedup_wsjax_vs_torch"] = t / summary["wsjax"]["wall_s"]
     summary["speedup_excluding_compile"] = t / summary["wsjax"]["wall_minus_compile_s"]
+    if "wsjax_diagnostics" in summary:
+      summary["speedup_with_diagnostics"] = t / summary["wsjax_diagnostics"]["wall_s"]
   result["summary"] = summary
   return result
 
@@ -165,13 +216,16 @@ def report(result: dict) -> str:
            f"methods {','.join(p['methods'])}, {p['seeds']} seeds, threshold "
            f"{p['threshold']}, max {p['max_epochs']} epochs/stage"]
   rows = []
-  for side in ("wsjax", "torch"):
+  for side in ("wsjax", "wsjax_diagnostics", "torch"):
     if side not in s:
       continue
-    rows.append([side, s[side]["wall_s"], s[side].get("compile_s"),
-                 s[side].get("wall_minus_compile_s"), s[side]["peak_rss_mb"]])
-  lines.append(common.table(rows, ["side", "wall s", "compile s", "wall - compile s",
-                                   "peak RSS MiB"]))
+    parts = result["runs"][side][0].get("parts_s", {})
+    rows.append([side, len(result["runs"][side]), s[side]["wall_s"], s[side].get("compile_s"),
+                 s[side].get("wall_minus_compile_s"), parts.get("train_blocks"),
+                 parts.get("diagnostics"), parts.get("checkpoint_save"),
+                 s[side]["peak_rss_mb"]])
+  lines.append(common.table(rows, ["side", "runs", "wall s", "compile s", "wall-compile s",
+                                   "train s", "diagn. s", "ckpt s", "peak RSS MiB"]))
   rows = []
   for side in ("wsjax", "torch"):
     if not result["runs"][side]:
@@ -180,6 +234,8 @@ def report(result: dict) -> str:
       rows.append([side, m, r["final_test_acc"], r["total_steps"]])
   lines.append(common.table(rows, ["side", "method", "final test acc", "steps (all seeds)"]))
   if "speedup_wsjax_vs_torch" in s:
-    lines.append(f"wsjax end to end is {s['speedup_wsjax_vs_torch']:.2f}x faster than PyTorch "
-                 f"({s['speedup_excluding_compile']:.2f}x without compilation)")
+    lines.append(f"wsjax end to end: {s['speedup_wsjax_vs_torch']:.2f}x PyTorch's speed "
+                 f"({s['speedup_excluding_compile']:.2f}x without compilation"
+                 + (f", {s['speedup_with_diagnostics']:.2f}x with diagnostics on"
+                    if "speedup_with_diagnostics" in s else "") + ")")
   return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""ResNet-18 (CIFAR, width 64) training throughput and MFU on a GPU.
+
+    python -m benchmarks.gpu --peak_tflops=989 [--batch=256] [--steps=50]
+
+Sides, float32 and bfloat16 each: wsjax's jitted `train_step` (bfloat16:
+`jax_default_matmul_precision="bfloat16"`, i.e. convolutions and matmuls
+on bf16 tensor cores with float32 parameters and accumulation, since wsjax
+models have no dtype option) and PyTorch eager and `torch.compile`
+(bfloat16: `torch.autocast`). FLOPs per step come from XLA's cost analysis
+of the wsjax step and are used for every side; MFU = FLOP/s / peak. Without
+a GPU (for jax or torch) it says so and does nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from benchmarks import common
+
+
+def _gpu_status() -> str | None:
+  """None when both jax and torch see a GPU, else why not."""
+  try:
+    import jax
+    if jax.default_backend() != "gpu":
+      return f"jax's default backend is {jax.default_backend()!r}, not a GPU"
+  except Exception as e:  # pragma: no cover
+    return f"jax failed to start: {e}"
+  if not common.torch_available():
+    return "PyTorch is not installed (pip install wsjax[bench])"
+  import torch
+  if not torch.cuda.is_available():
+    return "PyTorch sees no CUDA device"
+  return None
+
+
+def _time(fn, steps: int, sync) -> float:
+  for _ in range(3):
+    fn()
+  sync()
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  sync()
+  return (time.perf_counter() - t0) / steps
+
+
+def _wsjax(batch: int, steps: int, bf16: bool):
+  import jax
+  import jax.numpy as jnp
+  from wsjax.models import get_model
+  from wsjax.train.optim import OptimizerConfig, make_optimizer
+  from wsjax.train.state import create_state, make_variables_init
+  from wsjax.train.steps import make_train_step
+  model = get_model("resnet18", 10)
+  tx = make_optimizer(OptimizerConfig(name="sgd", lr=0.1, momentum=0.9))
+  box = {"s": jax.jit(lambda k: create_state(make_variables_init(model, (32, 32, 3)), tx, k))(
+      jax.random.PRNGKey(0))}
+  x = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
+  y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 10)
+  with jax.default_matmul_precision("bfloat16" if bf16 else "float32"):
+    step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
+    flops = step.lower(box["s"], x, y, None).compile().cost_analysis()
+    flops = (flops[0] if isinstance(flops, list) else flops)["flops"]
+
+    def one():
+      box["s"], _ = step(box["s"], x, y, None)
+    sec = _time(one, steps, lambda: jax.block_until_ready(box["s"]))
+  return sec, flops
+
+
+def _torch(batch: int, steps: int, bf16: bool, compiled: bool):
+  import torch
+  from benchmarks import torch_reference as ref
+  net = ref.make_model("resnet18").cuda().to(memory_format=torch.channels_last)
+  opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+  x = torch.randn(batch, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
+  y = torch.randint(0, 10, (batch,), device="cuda")
+  fwd = torch.compile(net) if compiled else net
+
+  def one():
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+      loss = torch.nn.functional.cross_entropy(fwd(x), y)
+    loss.backward()
+    opt.step()
+  return _time(one, steps, torch.cuda.synchronize)
+
+
+def run(quick: bool = False, peak_tflops: float | None = None, batch: int = 256,
+        steps: int = 50) -> dict:
+  result = {"benchmark": "gpu", "environment": common.environment(), "batch": batch,
+            "peak_tflops": peak_tflops, "rows": []}
+  why = _gpu_status()
+  if why:
+    result["skipped"] = f"no GPU: {why}; run `python -m benchmarks.gpu --peak_tflops=...` on a GPU machine"
+    return result
+  import torch
+  result["environment"]["gpu"] = torch.cuda.get_device_name()
+  steps = 10 if quick else steps
+  flops = {}
+  for dtype in ("float32", "bfloat16"):
+    bf16 = dtype == "bfloat16"
+    sec, flops[dtype] = _wsjax(batch, steps, bf16)
+    result["rows"].append({"side": "wsjax", "dtype": dtype, "step_s": sec})
+    for compiled in (False, True):
+      sec = _torch(batch, steps, bf16, compiled)
+      result["rows"].append({"side": "torch.compile" if compiled else "torch eager",
+                             "dtype": dtype, "step_s": sec})
+  for row in result["rows"]:
+    f = flops[row["dtype"]]
+    row["examples_per_s"] = batch / row["step_s"]
+    row["tflops"] = f / row["step_s"] / 1e12
+    row["mfu"] = row["tflops"] / peak_tflops if peak_tflops else None
+  return result
+
+
+def report(result: dict) -> str:
+  if result.get("skipped"):
+    return result["skipped"]
+  rows = [[r["side"], r["dtype"], r["examples_per_s"], r["tflops"],
+           None if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"] for r in result["rows"]]
+  return common.table(rows, ["side", "dtype", "examples/s", "TFLOP/s", "MFU"])
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="the GPU's peak dense TFLOP/s for the dtype (e.g. H100 SXM bf16: 989)")
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--steps", type=int, default=50)
+  args = parser.parse_args(argv)
+  result = run(peak_tflops=args.peak_tflops, batch=args.batch, steps=args.steps)
+  print(report(result))
+  if result.get("skipped"):
+    return 1
+  print(f"wrote {common.write_result('gpu', result)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
