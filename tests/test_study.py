@@ -104,6 +104,10 @@ def test_kill_9_mid_run_then_resume_gives_identical_results(reference_run, env, 
   got = _strip_times(json.load(open(workdir / "results.json")))
   want = _strip_times(json.load(open(ref / "results.json")))
   assert got["methods"] == want["methods"]  # bit-exact on the CPU
+  # mid-stage checkpoints (every 20 steps) are gone; the stage ends stay
+  for method in ("cold", "dash"):
+    kept = sorted(int(d.name) for d in (workdir / "checkpoints" / method).iterdir() if d.name.isdigit())
+    assert kept == [64, 64 + 126], kept
 
 
 def test_warm_start_from_another_runs_checkpoint(reference_run, env, tmp_path):

@@ -205,136 +205,180 @@ class Study:
     return out
 
   def _run_method(self, method: str, source: Optional[TrainState], bar) -> list[dict]:
-    cfg = self.cfg
-    spec = methods_lib.get_method(method)
-    penalty = spec.penalty
-    stepper = self.stepper(penalty)
-    manager = ckpt.make_manager(os.path.join(self.workdir, "checkpoints", method))
-    n_stages = len(self.schedule.stages)
-    template = {"states": self.fresh_states(0), "reg": {}, "start": {}}
-
-    # -- resume position
-    pos = {"stage": 0, "started": False, "epoch": 0, "block": 0, "global_step": 0,
-           "active": [True] * len(self.seeds), "epoch_correct": [0] * len(self.seeds),
-           "epoch_seen": [0] * len(self.seeds), "stage_steps": [0] * len(self.seeds),
-           "stage_wall_s": 0.0, "stages": [], "periodic": []}
-    # each method gets its own copy of the source: training donates its buffers
-    states = None if source is None else jax.tree.map(lambda x: x.copy(), source)
-    reg, start = {}, {}
-    latest = manager.latest_step()
-    if latest is not None:
-      meta = ckpt.restore_meta(manager, latest)
-      if meta.get("fingerprint") != cfg.fingerprint():
-        raise ckpt.CheckpointError(
-            f"checkpoints in {manager.directory} belong to a different configuration; "
-            "use another --workdir or pass --overwrite")
-      if meta.get("has_reg"):
-        template["reg"] = spec.make_reg(template["states"], cfg.method_params)
-      if meta.get("has_start"):
-        template["start"] = template["states"].params
-      saved, meta = ckpt.restore(manager, latest, template)
-      pos = meta["position"]
-      states, reg, start = saved["states"], saved["reg"], saved["start"]
-      bar.update(len(pos["stages"]))
-      if pos["stage"] >= n_stages:
-        return pos["stages"]
-      self.log(f"[{method}] resuming from {manager.directory}/{latest} "
-               f"(stage {pos['stage']}, epoch {pos['epoch']})")
-
-    def save(kind: str):
-      if pos["global_step"] in manager.all_steps():  # a preemption save at this step
-        manager.delete(pos["global_step"])
-      meta = {"fingerprint": cfg.fingerprint(), "method": method, "kind": kind,
-              "has_reg": bool(jax.tree.leaves(reg)), "has_start": bool(jax.tree.leaves(start)),
-              "position": pos}
-      ckpt.save(manager, pos["global_step"], {"states": states, "reg": reg, "start": start}, meta)
-      if kind == "stage_end":  # mid-stage checkpoints are superseded
-        for step in pos["periodic"]:
-          if step != pos["global_step"] and step in manager.all_steps():
-            manager.delete(step)
-        pos["periodic"] = []
-
-    rule = cfg.stopping
-    n_seeds = len(self.seeds)
-    k_steps = cfg.block_steps
-    while pos["stage"] < n_stages:
-      s = pos["stage"]
-      buffer = self.schedule.stages[s]
-      t0 = time.perf_counter()
-      ctx = StageContext(stage=s, seeds=self.seeds, tx=self.tx,
-                         fresh=lambda s=s: self.fresh_states(s), data_x=self.data_x,
-                         data_y=self.data_y, arrivals=self.schedule.new[:s + 1], n_stages=n_stages,
-                         model=self.model, stepper=stepper)
-      if not pos["started"]:
-        states = spec.prepare(states, ctx, cfg.method_params)
-        if spec.make_reg is not None and not jax.tree.leaves(reg):
-          reg = spec.make_reg(states, cfg.method_params)
-        if cfg.diagnostics:  # a copy: the training state's buffers are donated
-          start = jax.tree.map(lambda x: x.copy(), states.params)
-        pos.update(started=True, epoch=0, block=0, active=[True] * n_seeds,
-                   epoch_correct=[0] * n_seeds, epoch_seen=[0] * n_seeds,
-                   stage_steps=[0] * n_seeds, stage_wall_s=0.0)
-      active = np.asarray(pos["active"], bool)
-      while active.any():
-        e = pos["epoch"]
-        order = np.stack([epoch_batches(buffer, cfg.batch_size, seed, s, e) for seed in self.seeds], 1)
-        n_steps = order.shape[0]
-        n_blocks = -(-n_steps // k_steps)
-        pad = n_blocks * k_steps - n_steps
-        order = np.concatenate([order, np.zeros((pad, *order.shape[1:]), order.dtype)])
-        valid = np.arange(n_blocks * k_steps) < n_steps
-        while pos["block"] < n_blocks:
-          b = pos["block"]
-          sl = slice(b * k_steps, (b + 1) * k_steps)
-          states, steps, correct, loss_sum = stepper.train_block(
-              states, active, self.data_x, self.data_y, order[sl], valid[sl], reg)
-          if not np.all(np.isfinite(loss_sum[active])):
-            bad = [self.seeds[i] for i in np.flatnonzero(active & ~np.isfinite(loss_sum))]
-            raise TrainingDivergedError(
-                f"[{method}] non-finite loss at stage {s}, step {pos['global_step'] + int(valid[sl].sum())} "
-                f"(seeds {bad}); the last good checkpoint is kept in {manager.directory}; "
-                "lower the learning rate")
-          prev_step = pos["global_step"]
-          pos["global_step"] += int(valid[sl].sum())
-          pos["block"] = b + 1
-          pos["epoch_correct"] = (np.asarray(pos["epoch_correct"]) + correct).tolist()
-          pos["epoch_seen"] = (np.asarray(pos["epoch_seen"]) + steps * cfg.batch_size).tolist()
-          pos["stage_steps"] = (np.asarray(pos["stage_steps"]) + steps).tolist()
-          stop = _STOP.is_set()
-          if stop or cfg.checkpoint_every and (
-              pos["global_step"] // cfg.checkpoint_every > prev_step // cfg.checkpoint_every):
-            pos["stage_wall_s"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            pos["periodic"].append(pos["global_step"])
-            save("periodic")
-          if stop:
-            raise Preempted(f"[{method}] stopped at stage {s}, step {pos['global_step']}; "
-                            f"checkpoint saved in {manager.directory}")
-        # end of epoch: stopping rule
-        seen = np.maximum(np.asarray(pos["epoch_seen"]), 1)
-        epoch_acc = np.asarray(pos["epoch_correct"]) / seen
-        active = rule.still_active(active, epoch_acc, e + 1)
-        pos["last_epoch_acc"] = np.where(np.asarray(pos["epoch_seen"]) > 0, epoch_acc,
-                                         pos.get("last_epoch_acc", epoch_acc)).tolist()
-        pos.update(epoch=e + 1, block=0, active=active.tolist(),
-                   epoch_correct=[0] * n_seeds, epoch_seen=[0] * n_seeds)
-        if self.progress:
-          bar.set_postfix_str(f"{method} stage {s + 1}/{n_stages} epoch {e + 1} "
-                              f"train acc {np.mean(pos['last_epoch_acc']):.3f}", refresh=False)
-      # end of stage
-      test_acc, _ = stepper.evaluate(states, self.test_x, self.test_y)
-      record = {"n_train": int(len(buffer)),
-                "train_acc": [float(a) for a in pos["last_epoch_acc"]],
-                "test_acc": [float(a) for a in test_acc],
-                "steps": [int(x) for x in pos["stage_steps"]],
-                "epochs": int(pos["epoch"]),
-                "wall_s": float(pos["stage_wall_s"] + time.perf_counter() - t0)}
-      if cfg.diagnostics:
-        record.update(diagnostics.stage_diagnostics(self, states, start, buffer, ctx,
-                                                    cfg.method_params))
-      pos["stages"].append(record)
-      pos.update(stage=s + 1, started=False)
-      start = {}
-      save("stage_end")
+    run = MethodRun(self, method, source)
+    bar.update(len(run.pos["stages"]))
+    while run.pos["stage"] < len(self.schedule.stages):
+      run.run_stage(bar)
       bar.update(1)
-    return pos["stages"]
+    return run.pos["stages"]
+
+
+def _fresh_position(n_seeds: int) -> dict:
+  return {"stage": 0, "started": False, "epoch": 0, "block": 0, "global_step": 0,
+          "active": [True] * n_seeds, "epoch_correct": [0] * n_seeds,
+          "epoch_seen": [0] * n_seeds, "stage_steps": [0] * n_seeds,
+          "stage_wall_s": 0.0, "stages": [], "periodic": []}
+
+
+class MethodRun:
+  """One method of a study, stage after stage, checkpointed as it goes.
+
+  Everything needed to continue lives in `pos` (JSON: the loop position and
+  the stage records so far) and in the arrays `states`, `reg` (a penalty's
+  reference) and `start` (the stage's starting params, for diagnostics);
+  the three are one orbax checkpoint, so a run restored from any checkpoint
+  continues exactly as if it had not stopped.
+  """
+
+  def __init__(self, study: Study, method: str, source: Optional[TrainState]):
+    self.study = study
+    self.cfg = cfg = study.cfg
+    self.method = method
+    self.spec = methods_lib.get_method(method)
+    self.stepper = study.stepper(self.spec.penalty)
+    self.manager = ckpt.make_manager(os.path.join(study.workdir, "checkpoints", method))
+    self.n_stages = len(study.schedule.stages)
+    self.n_seeds = len(study.seeds)
+    self.pos = _fresh_position(self.n_seeds)
+    # each method gets its own copy of the source: training donates its buffers
+    self.states = None if source is None else jax.tree.map(lambda x: x.copy(), source)
+    self.reg, self.start = {}, {}
+    latest = self.manager.latest_step()
+    if latest is not None:
+      self._restore(latest)
+
+  # ---- checkpoints ----------------------------------------------------------
+  def _restore(self, step: int) -> None:
+    cfg, study = self.cfg, self.study
+    meta = ckpt.restore_meta(self.manager, step)
+    if meta.get("fingerprint") != cfg.fingerprint():
+      raise ckpt.CheckpointError(
+          f"checkpoints in {self.manager.directory} belong to a different configuration; "
+          "use another --workdir or pass --overwrite")
+    states = study.fresh_states(0)
+    template = {"states": states, "reg": {}, "start": {}}
+    if meta.get("has_reg"):
+      template["reg"] = self.spec.make_reg(states, cfg.method_params)
+    if meta.get("has_start"):
+      template["start"] = states.params
+    saved, meta = ckpt.restore(self.manager, step, template)
+    self.pos = meta["position"]
+    self.states, self.reg, self.start = saved["states"], saved["reg"], saved["start"]
+    if self.pos["stage"] < self.n_stages:
+      study.log(f"[{self.method}] resuming from {self.manager.directory}/{step} "
+                f"(stage {self.pos['stage']}, epoch {self.pos['epoch']})")
+
+  def save(self, kind: str) -> None:
+    """Checkpoints at the current step: "periodic" (mid-stage) or "stage_end"."""
+    pos, manager = self.pos, self.manager
+    if pos["global_step"] in manager.all_steps():  # a preemption save at this step
+      manager.delete(pos["global_step"])
+    if kind == "periodic":
+      pos["periodic"].append(pos["global_step"])
+    meta = {"fingerprint": self.cfg.fingerprint(), "method": self.method, "kind": kind,
+            "has_reg": bool(jax.tree.leaves(self.reg)),
+            "has_start": bool(jax.tree.leaves(self.start)), "position": pos}
+    ckpt.save(manager, pos["global_step"],
+              {"states": self.states, "reg": self.reg, "start": self.start}, meta)
+    if kind == "stage_end":  # mid-stage checkpoints are superseded by a stage's end
+      for step in pos["periodic"]:
+        if step != pos["global_step"] and step in manager.all_steps():
+          manager.delete(step)
+      pos["periodic"] = []
+
+  # ---- one stage ------------------------------------------------------------
+  def _context(self, s: int) -> StageContext:
+    study = self.study
+    return StageContext(stage=s, seeds=study.seeds, tx=study.tx,
+                        fresh=lambda: study.fresh_states(s), data_x=study.data_x,
+                        data_y=study.data_y, arrivals=study.schedule.new[:s + 1],
+                        n_stages=self.n_stages, model=study.model, stepper=self.stepper)
+
+  def run_stage(self, bar) -> None:
+    """Prepares (unless resumed mid-stage), trains and records stage `pos["stage"]`."""
+    cfg, pos, n_seeds = self.cfg, self.pos, self.n_seeds
+    s = pos["stage"]
+    ctx = self._context(s)
+    t0 = time.perf_counter()
+    if not pos["started"]:
+      self.states = self.spec.prepare(self.states, ctx, cfg.method_params)
+      if self.spec.make_reg is not None and not jax.tree.leaves(self.reg):
+        self.reg = self.spec.make_reg(self.states, cfg.method_params)
+      if cfg.diagnostics:  # a copy: the training state's buffers are donated
+        self.start = jax.tree.map(lambda x: x.copy(), self.states.params)
+      pos.update(started=True, epoch=0, block=0, active=[True] * n_seeds,
+                 epoch_correct=[0] * n_seeds, epoch_seen=[0] * n_seeds,
+                 stage_steps=[0] * n_seeds, stage_wall_s=0.0)
+    t0 = self._train_until_stopped(s, t0, bar)
+    self._finish_stage(s, ctx, t0)
+
+  def _train_until_stopped(self, s: int, t0: float, bar) -> float:
+    """Epochs of K-step blocks until every seed meets the stopping rule."""
+    cfg, pos, study = self.cfg, self.pos, self.study
+    buffer = study.schedule.stages[s]
+    k = cfg.block_steps
+    active = np.asarray(pos["active"], bool)
+    while active.any():
+      e = pos["epoch"]
+      order = np.stack([epoch_batches(buffer, cfg.batch_size, seed, s, e) for seed in study.seeds], 1)
+      n_steps = order.shape[0]
+      n_blocks = -(-n_steps // k)
+      order = np.concatenate([order, np.zeros((n_blocks * k - n_steps, *order.shape[1:]), order.dtype)])
+      valid = np.arange(n_blocks * k) < n_steps
+      while pos["block"] < n_blocks:
+        b = pos["block"]
+        sl = slice(b * k, (b + 1) * k)
+        self.states, steps, correct, loss_sum = self.stepper.train_block(
+            self.states, active, study.data_x, study.data_y, order[sl], valid[sl], self.reg)
+        prev_step = pos["global_step"]
+        pos["global_step"] += int(valid[sl].sum())
+        if not np.all(np.isfinite(loss_sum[active])):
+          bad = [study.seeds[i] for i in np.flatnonzero(active & ~np.isfinite(loss_sum))]
+          raise TrainingDivergedError(
+              f"[{self.method}] non-finite loss at stage {s}, step {pos['global_step']} "
+              f"(seeds {bad}); the last good checkpoint is kept in {self.manager.directory}; "
+              "lower the learning rate")
+        pos["block"] = b + 1
+        pos["epoch_correct"] = (np.asarray(pos["epoch_correct"]) + correct).tolist()
+        pos["epoch_seen"] = (np.asarray(pos["epoch_seen"]) + steps * cfg.batch_size).tolist()
+        pos["stage_steps"] = (np.asarray(pos["stage_steps"]) + steps).tolist()
+        stop = _STOP.is_set()
+        every = cfg.checkpoint_every
+        if stop or every and pos["global_step"] // every > prev_step // every:
+          pos["stage_wall_s"] += time.perf_counter() - t0
+          t0 = time.perf_counter()
+          self.save("periodic")
+        if stop:
+          raise Preempted(f"[{self.method}] stopped at stage {s}, step {pos['global_step']}; "
+                          f"checkpoint saved in {self.manager.directory}")
+      # end of an epoch: the stopping rule, per seed
+      seen = np.asarray(pos["epoch_seen"])
+      epoch_acc = np.asarray(pos["epoch_correct"]) / np.maximum(seen, 1)
+      active = cfg.stopping.still_active(active, epoch_acc, e + 1)
+      pos["last_epoch_acc"] = np.where(seen > 0, epoch_acc,
+                                       pos.get("last_epoch_acc", epoch_acc)).tolist()
+      pos.update(epoch=e + 1, block=0, active=active.tolist(),
+                 epoch_correct=[0] * self.n_seeds, epoch_seen=[0] * self.n_seeds)
+      if study.progress:
+        bar.set_postfix_str(f"{self.method} stage {s + 1}/{self.n_stages} epoch {e + 1} "
+                            f"train acc {np.mean(pos['last_epoch_acc']):.3f}", refresh=False)
+    return t0
+
+  def _finish_stage(self, s: int, ctx: StageContext, t0: float) -> None:
+    """Test accuracy, the stage's record and diagnostics, a stage-end checkpoint."""
+    cfg, pos, study = self.cfg, self.pos, self.study
+    buffer = study.schedule.stages[s]
+    test_acc, _ = self.stepper.evaluate(self.states, study.test_x, study.test_y)
+    record = {"n_train": int(len(buffer)),
+              "train_acc": [float(a) for a in pos["last_epoch_acc"]],
+              "test_acc": [float(a) for a in test_acc],
+              "steps": [int(x) for x in pos["stage_steps"]],
+              "epochs": int(pos["epoch"]),
+              "wall_s": float(pos["stage_wall_s"] + time.perf_counter() - t0)}
+    if cfg.diagnostics:
+      record.update(diagnostics.stage_diagnostics(study, self.states, self.start, buffer, ctx,
+                                                  cfg.method_params))
+    pos["stages"].append(record)
+    pos.update(stage=s + 1, started=False)
+    self.start = {}
+    self.save("stage_end")
