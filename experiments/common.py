@@ -56,7 +56,10 @@ def define_study_flags(**defaults) -> None:
   flags.DEFINE_integer("checkpoint_every", 0, "also checkpoint every N steps (0: at stage ends only)")
   flags.DEFINE_string("warm_start_from", None, "start every method from a checkpoint DIR[@STEP]")
   flags.DEFINE_bool("warm_start_opt_state", False, "with --warm_start_from: also restore the optimizer state")
-  flags.DEFINE_bool("keep_opt_state", True, "warm: keep the optimizer state between stages")
+  flags.DEFINE_enum("opt_state", "default", ["default", "keep", "reset"],
+                    "optimizer state when a stage continues a model (default: the method's own)")
+  flags.DEFINE_enum("bn_stats", "default", ["default", "keep", "reset"],
+                    "BatchNorm statistics when a stage continues a model (default: the method's own)")
   flags.DEFINE_float("shrink", 0.4, "shrink_perturb: shrink factor (Ash & Adams)")
   flags.DEFINE_float("perturb", 0.1, "shrink_perturb: weight of the fresh initialization")
   flags.DEFINE_float("sp_shrink", 0.3, "sp: shrink factor (DASH code)")
@@ -74,6 +77,20 @@ def define_study_flags(**defaults) -> None:
   flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
   flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
   flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parser, but a bad flag is one line and exit code 2."""
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}; see --helpfull for the flags", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+  if len(rest) > 1:
+    print(f"error: unexpected arguments {' '.join(rest[1:])}; flags look like --name=value",
+          file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+  return rest
 
 
 def setup_jax() -> None:

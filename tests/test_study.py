@@ -147,6 +147,9 @@ def test_warm_start_source_mismatch_lists_paths(reference_run, env, tmp_path):
     (["--schedule=chunks", "--chunks=0"], "chunk"),
     (["--batch_size=100000"], "batch size"),
     (["--warm_start_from=/nonexistent/ckpt"], "does not exist"),
+    (["--lr=abc"], "could not convert"),
+    (["--opt_state=sometimes"], "should be one of"),
+    (["--no_such_flag=1"], "unknown command line flag"),
 ])
 def test_bad_input_is_one_line_and_exit_2(env, tmp_path, extra, message):
   workdir = tmp_path / "w"

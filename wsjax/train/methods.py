@@ -41,7 +41,8 @@ class UnknownMethodError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class MethodParams:
   """Hyperparameters of the methods (flags of the experiment programs)."""
-  keep_opt_state: bool = True        # warm: keep the optimizer state
+  opt_state: str = "default"         # after a warm-type policy: keep | reset the optimizer state
+  bn_stats: str = "default"          # after a warm-type policy: keep | reset BatchNorm statistics
   shrink: float = 0.4                # shrink_perturb (Ash & Adams defaults)
   perturb: float = 0.1
   sp_shrink: float = 0.3             # sp (DASH code defaults)
@@ -64,6 +65,9 @@ class MethodParams:
       raise ValueError(f"--l2_init_coef must be >= 0, got {self.l2_init_coef}")
     if self.dash_granularity not in ("kernel_slice", "unit"):
       raise ValueError(f"--dash_granularity must be kernel_slice or unit, got {self.dash_granularity!r}")
+    for name in ("opt_state", "bn_stats"):
+      if getattr(self, name) not in ("default", "keep", "reset"):
+        raise ValueError(f"--{name} must be default, keep or reset, got {getattr(self, name)!r}")
     if self.dash_max_batch < 1:
       raise ValueError(f"--dash_max_batch must be >= 1, got {self.dash_max_batch}")
 
@@ -105,9 +109,27 @@ def known_methods() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
+def prepare_stage(spec: MethodSpec, prev, ctx: policies.StageContext, hp: MethodParams):
+  """The method's policy, then the optimizer-state and BatchNorm-statistics
+  policies (`hp.opt_state`, `hp.bn_stats`: keep | reset; "default" leaves
+  the method's own choice) for every start that continues a previous model."""
+  state = spec.prepare(prev, ctx, hp)
+  if prev is None or spec.name == "cold":
+    return state
+  if hp.opt_state == "reset":
+    state = policies.reset_opt_states(state, ctx.tx)
+  elif hp.opt_state == "keep":
+    state = state.replace(opt_state=prev.opt_state, step=prev.step)
+  if hp.bn_stats == "reset" and jax.tree.leaves(state.batch_stats):
+    state = state.replace(batch_stats=ctx.fresh().batch_stats)
+  elif hp.bn_stats == "keep":
+    state = state.replace(batch_stats=prev.batch_stats)
+  return state
+
+
 register(MethodSpec("cold", lambda prev, ctx, hp: policies.cold(prev, ctx),
                     "fresh init and optimizer every stage"))
-register(MethodSpec("warm", lambda prev, ctx, hp: policies.warm(prev, ctx, keep_opt_state=hp.keep_opt_state),
+register(MethodSpec("warm", lambda prev, ctx, hp: policies.warm(prev, ctx),
                     "keep params, BatchNorm statistics and (flag) optimizer state"))
 register(MethodSpec("warm_rm", lambda prev, ctx, hp: policies.warm_rm(prev, ctx),
                     "keep the model, reset the optimizer"))

@@ -9,7 +9,7 @@ initialization to the state the next stage trains from:
 * `cold`: the fresh state (new init, new optimizer): the "random init" arm
   of Ash & Adams (2020) and DASH's `cold`.
 * `warm`: keep params, BatchNorm statistics and optimizer state (DASH's
-  `warm`); `keep_opt_state=False` resets the optimizer.
+  `warm`).
 * `warm_rm`: keep the model, reset the optimizer (DASH's `warm_rm`).
 
 The transforms of `wsjax.transforms` (shrink-and-perturb, DASH, layer
@@ -56,13 +56,9 @@ def cold(prev: Optional[TrainState], ctx: StageContext) -> TrainState:
   return ctx.fresh()
 
 
-def warm(prev: Optional[TrainState], ctx: StageContext, *, keep_opt_state: bool = True) -> TrainState:
-  if prev is None:
-    return ctx.fresh()
-  if keep_opt_state:
-    return prev
-  return reset_opt_states(prev, ctx.tx)
+def warm(prev: Optional[TrainState], ctx: StageContext) -> TrainState:
+  return ctx.fresh() if prev is None else prev
 
 
 def warm_rm(prev: Optional[TrainState], ctx: StageContext) -> TrainState:
-  return warm(prev, ctx, keep_opt_state=False)
+  return ctx.fresh() if prev is None else reset_opt_states(prev, ctx.tx)

@@ -301,7 +301,7 @@ class MethodRun:
     ctx = self._context(s)
     t0 = time.perf_counter()
     if not pos["started"]:
-      self.states = self.spec.prepare(self.states, ctx, cfg.method_params)
+      self.states = methods_lib.prepare_stage(self.spec, self.states, ctx, cfg.method_params)
       if self.spec.make_reg is not None and not jax.tree.leaves(self.reg):
         self.reg = self.spec.make_reg(self.states, cfg.method_params)
       if cfg.diagnostics:  # a copy: the training state's buffers are donated
