@@ -9,11 +9,15 @@ optimizer per chunk), warm (keep both), dash (gradient EMA over the chunks
 in eval mode, then cosine shrink per kernel slice / unit / bias); 5 seeds;
 the 1-D ConvNet.
 
-* wsjax: `Study(StudyConfig(...)).run()` as `experiments/warm_start.py` runs
-  it (5 seeds vmapped, blocks of 32 steps, orbax checkpoints at every stage
-  end, per-stage diagnostics), from loading the data to the results, in a
-  fresh process, so XLA compilation is included; the time spent tracing,
-  lowering and compiling is also measured on its own (jax.monitoring).
+* wsjax: `Study(StudyConfig(...)).run()` as the experiment programs run it
+  (5 seeds vmapped, blocks of 32 steps, orbax checkpoints at every stage
+  end), from loading the data to the results, in a fresh process, so XLA
+  compilation is included; the time spent tracing, lowering and compiling
+  is also measured on its own (jax.monitoring), and the time in train
+  blocks, evaluation, checkpoints and diagnostics (each including the
+  compilation it triggers). The headline runs have `diagnostics=False`, the
+  same work as the reference; one more run has the Study's default
+  per-stage plasticity diagnostics on.
 * PyTorch: `benchmarks.torch_reference.run_chunked_study`, the official
   loop: one seed at a time, `DataLoader(ConcatDataset(buffer), 128,
   shuffle=True)`, eager steps with `.item()` per step, DASH as in
@@ -21,8 +25,9 @@ the 1-D ConvNet.
   `get_prev_metric`, are left out: they are not part of the protocol.)
 
 Both use the same chunks (`wsjax.data.chunks`, data seed 0), stopping rule,
-methods and seed count. The sides run in the order wsjax, torch, wsjax
-(wsjax's median), each in its own process.
+methods and seed count. The sides run in the order wsjax, torch, wsjax,
+wsjax with diagnostics (--quick: wsjax, torch, 2 epochs per stage), each in
+its own process.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ METHODS = ("cold", "warm", "dash")
 def protocol(quick: bool) -> dict:
   return {"dataset": "mnist1d", "model": "conv1d", "n_chunks": 10, "methods": METHODS,
           "seeds": 5, "lr": 1e-2, "momentum": 0.9, "batch_size": 128,
-          "threshold": 0.99, "max_epochs": 3 if quick else 30, "data_seed": 0}
+          "threshold": 0.99, "max_epochs": 2 if quick else 30, "data_seed": 0}
 
 
 class JaxStudy:

@@ -31,6 +31,14 @@ SMALL_MODELS = ("mlp", "conv1d")
 # ---------------------------------------------------------------------------
 # wsjax sides.
 
+def flops_per_step(train_step, state, x, y) -> float:
+  """XLA's count of the floating-point operations of one train step (one seed)."""
+  import jax
+  cost = jax.jit(train_step).lower(state, x, y, None).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
 class JaxSmall:
   """wsjax `Stepper` blocks for one seed of a small model on MNIST-1D."""
 
@@ -41,7 +49,7 @@ class JaxSmall:
     from wsjax.models import get_model
     from wsjax.train.optim import OptimizerConfig, make_optimizer
     from wsjax.train.state import create_state, make_variables_init, seed_keys
-    from wsjax.train.steps import Stepper
+    from wsjax.train.steps import Stepper, make_train_step
 
     ds = load_dataset("mnist1d")
     self.n_train = len(ds.y_train)
@@ -68,9 +76,12 @@ class JaxSmall:
     self._block()
     second = time.perf_counter() - t0
     self._block()
+    one = jax.tree.map(lambda a: a[0], self.states)
     self.info = {"first_call_s": first, "second_call_s": second,
                  "compile_s": max(first - second, 0.0), "devices": jax.device_count(),
-                 "block_steps": block_steps, "seeds": seeds}
+                 "block_steps": block_steps, "seeds": seeds,
+                 "flops_per_step": flops_per_step(make_train_step(self.model, tx), one,
+                                                  self.data_x[:BATCH], self.data_y[:BATCH])}
 
   def _next_indices(self):
     """The next block of indices (K, S, B), from per-seed epoch permutations."""
@@ -122,6 +133,7 @@ class JaxResNet:
     key = jax.random.PRNGKey(1)
     self.x = jax.random.normal(key, (batch, 32, 32, 3), jnp.dtype(dtype))
     self.y = jax.random.randint(key, (batch,), 0, 10)
+    self.flops = flops_per_step(make_train_step(model, tx), self.state, self.x, self.y)
     self.step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
     self.batch = batch
     times = []
@@ -132,6 +144,7 @@ class JaxResNet:
     first, warm = (times[0], times[-1]) if times else (None, None)
     self.info = {"first_call_s": first, "warm_call_s": warm,
                  "compile_s": max(first - warm, 0.0) if times else None, "batch": batch,
+                 "flops_per_step": self.flops,
                  "matmul_precision": matmul_precision or "default"}
 
   def _step(self):
@@ -249,8 +262,12 @@ def _compare(name: str, sides: dict, rounds: int, n_steps: int) -> dict:
   """Alternates the sides' `run(n_steps)`; medians, ratios vs the first torch side."""
   out = {"model": name, "steps_per_run": n_steps, "rounds": rounds, "sides": {}}
   runs = common.alternate(sides, "run", rounds, n_steps)
+  flops = sides["wsjax"].info.get("flops_per_step", float("nan"))
+  out["flops_per_step"] = flops
   for side, worker in sides.items():
-    out["sides"][side] = {**_summarize(runs[side]), "setup_s": worker.setup_s,
+    summary = _summarize(runs[side])
+    summary["gflop_per_s"] = flops * summary["examples_per_s"] / BATCH / 1e9
+    out["sides"][side] = {**summary, "setup_s": worker.setup_s,
                           "info": worker.info, "peak_rss_mb": worker.peak_rss_mb()}
   torch_sides = [s for s in out["sides"] if s.startswith("torch")]
   if torch_sides and "wsjax" in out["sides"]:
@@ -279,6 +296,8 @@ def run(quick: bool = False) -> dict:
                                            loader="index", threads=threads)
       sides["torch_dataloader"] = common.Worker("benchmarks.throughput:TorchSmall", model=name,
                                                 loader="dataloader", threads=threads)
+      sides["torch_index_1thread"] = common.Worker("benchmarks.throughput:TorchSmall",
+                                                   model=name, loader="index", threads=1)
     try:
       result["models"][name] = _compare(name, sides, small_rounds, small_steps)
     finally:
@@ -303,7 +322,7 @@ def report(result: dict) -> str:
       ratio = m.get("ratio_wsjax_over_torch", {}).get(side)
       compile_s = s["info"].get("compile_s")
       rows.append([name, side, s["examples_per_s"], 1000 * BATCH / s["examples_per_s"],
-                   compile_s, s["peak_rss_mb"],
+                   s.get("gflop_per_s"), compile_s, s["peak_rss_mb"],
                    None if ratio is None else f"{ratio:.2f}x"])
-  return common.table(rows, ["model", "side", "examples/s", "ms/step", "compile s",
+  return common.table(rows, ["model", "side", "examples/s", "ms/step", "GFLOP/s", "compile s",
                              "peak RSS MiB", "wsjax/this"])
