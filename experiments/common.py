@@ -67,7 +67,7 @@ def define_study_flags(**defaults) -> None:
   flags.DEFINE_float("dash_lambda", 0.3, "dash: lower clip of the shrink factor")
   flags.DEFINE_float("dash_alpha", 0.3, "dash: EMA weight of the newest chunk's gradient")
   flags.DEFINE_string("dash_granularity", "kernel_slice", "dash: kernel_slice (code) or unit (paper text)")
-  flags.DEFINE_integer("dash_max_batch", 4096, "dash: examples per gradient batch")
+  flags.DEFINE_integer("dash_max_batch", 512, "dash: examples per gradient batch (the result is the same up to rounding)")
   flags.DEFINE_list("reset_layers", ["head"], "reset: layer names to re-initialize")
   flags.DEFINE_float("l2_init_coef", 1e-2, "l2_init: penalty coefficient")
   flags.DEFINE_bool("diagnostics", True, "record plasticity diagnostics per stage")
