@@ -17,6 +17,7 @@ import numpy as np
 
 from wsjax import transforms as T
 from wsjax.analysis import plasticity
+from wsjax.train import methods
 
 COSINE_BINS = 20
 
@@ -85,7 +86,6 @@ def cosine_histograms(params, grads, granularity: str) -> dict:
 
 def stage_diagnostics(study, states, start, buffer, ctx, hp) -> dict:
   """All diagnostics for the end of one stage (see the module docstring)."""
-  from wsjax.train.methods import dash_signal
   out = {}
   if jax.tree.leaves(start):
     norm, dist = _norms(states.params, start)
@@ -93,7 +93,7 @@ def stage_diagnostics(study, states, start, buffer, ctx, hp) -> dict:
     out["dist_from_stage_start"] = [float(x) for x in np.asarray(dist)]
   out["dead_relu"] = dead_relu(study.model, states, study.data_x, buffer,
                               max_examples=max(len(b) for b in study.schedule.stages))
-  grads = dash_signal(states, ctx, hp)
+  grads = methods.dash_signal(states, ctx, hp)
   out["dash_cosine_hist"] = cosine_histograms(states.params, grads, hp.dash_granularity)
   out["dash_cosine_bins"] = [float(e) for e in np.linspace(-1, 1, COSINE_BINS + 1)]
   return out
