@@ -225,12 +225,15 @@ def report(result: dict) -> str:
     if side not in s:
       continue
     parts = result["runs"][side][0].get("parts_s", {})
+    seed_steps = sum(m["total_steps"] for m in result["runs"][side][0]["methods"].values())
     rows.append([side, len(result["runs"][side]), s[side]["wall_s"], s[side].get("compile_s"),
+                 1000 * s[side].get("wall_minus_compile_s", s[side]["wall_s"]) / seed_steps,
                  s[side].get("wall_minus_compile_s"), parts.get("train_blocks"),
                  parts.get("diagnostics"), parts.get("checkpoint_save"),
                  s[side]["peak_rss_mb"]])
-  lines.append(common.table(rows, ["side", "runs", "wall s", "compile s", "wall-compile s",
-                                   "train s", "diagn. s", "ckpt s", "peak RSS MiB"]))
+  lines.append(common.table(rows, ["side", "runs", "wall s", "compile s", "ms/seed-step",
+                                   "wall-compile s", "train s", "diagn. s", "ckpt s",
+                                   "peak RSS MiB"]))
   rows = []
   for side in ("wsjax", "torch"):
     if not result["runs"][side]:
