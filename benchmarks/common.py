@@ -41,6 +41,12 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def cpu_seconds() -> float:
+  """User + system CPU time of this process so far (all its threads)."""
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
 def load_average() -> tuple[float, float, float]:
   return os.getloadavg()
 

@@ -103,13 +103,14 @@ class JaxSmall:
 
   def run(self, n_steps: int) -> dict:
     """Trains `n_steps` steps (a multiple of the block) and times them."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), common.cpu_seconds()
     done = 0
     while done < n_steps:
       self._block()
       done += self.k
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "steps": done, "examples": done * BATCH * self.seeds}
+    return {"seconds": seconds, "steps": done, "examples": done * BATCH * self.seeds,
+            "cores_busy": (common.cpu_seconds() - c0) / seconds}
 
 
 class JaxResNet:
@@ -152,11 +153,12 @@ class JaxResNet:
     loss.block_until_ready()
 
   def run(self, n_steps: int) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), common.cpu_seconds()
     for _ in range(n_steps):
       self._step()
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "steps": n_steps, "examples": n_steps * self.batch}
+    return {"seconds": seconds, "steps": n_steps, "examples": n_steps * self.batch,
+            "cores_busy": (common.cpu_seconds() - c0) / seconds}
 
 
 # ---------------------------------------------------------------------------
@@ -202,7 +204,7 @@ class TorchSmall:
     self.epoch += 1
 
   def run(self, n_steps: int) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), common.cpu_seconds()
     done = examples = 0
     self.net.train()
     while done < n_steps:
@@ -213,7 +215,8 @@ class TorchSmall:
         if done == n_steps:
           break
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "steps": done, "examples": examples}
+    return {"seconds": seconds, "steps": done, "examples": examples,
+            "cores_busy": (common.cpu_seconds() - c0) / seconds}
 
 
 class TorchResNet:
@@ -242,11 +245,12 @@ class TorchResNet:
                  "channels_last": channels_last}
 
   def run(self, n_steps: int) -> dict:
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), common.cpu_seconds()
     for _ in range(n_steps):
       self.ref.train_step(self.net, self.opt, self.criterion, self.x, self.y)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "steps": n_steps, "examples": n_steps * self.batch}
+    return {"seconds": seconds, "steps": n_steps, "examples": n_steps * self.batch,
+            "cores_busy": (common.cpu_seconds() - c0) / seconds}
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +259,8 @@ class TorchResNet:
 def _summarize(runs: list[dict]) -> dict:
   rates = [r["examples"] / r["seconds"] for r in runs]
   return {"examples_per_s": common.median(rates), "runs": runs,
-          "examples_per_s_all": rates}
+          "examples_per_s_all": rates,
+          "cores_busy": common.median([r.get("cores_busy", float("nan")) for r in runs])}
 
 
 def _compare(name: str, sides: dict, rounds: int, n_steps: int) -> dict:
@@ -322,7 +327,7 @@ def report(result: dict) -> str:
       ratio = m.get("ratio_wsjax_over_torch", {}).get(side)
       compile_s = s["info"].get("compile_s")
       rows.append([name, side, s["examples_per_s"], 1000 * BATCH / s["examples_per_s"],
-                   s.get("gflop_per_s"), compile_s, s["peak_rss_mb"],
+                   s.get("gflop_per_s"), s.get("cores_busy"), compile_s, s["peak_rss_mb"],
                    None if ratio is None else f"{ratio:.2f}x"])
-  return common.table(rows, ["model", "side", "examples/s", "ms/step", "GFLOP/s", "compile s",
+  return common.table(rows, ["model", "side", "examples/s", "ms/step", "GFLOP/s", "cores busy", "compile s",
                              "peak RSS MiB", "wsjax/this"])
