@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     path = common.write_result(name + suffix, result, args.out)
     print(f"\n== {name} ({result['wall_s']:.0f} s){' [quick]' if args.quick else ''}")
     print(module.report(result))
+    if result.get("note"):
+      print(result["note"])
     print(f"wrote {path}")
   return 0
 

@@ -10,13 +10,13 @@ at a time, `.item()` on the loss and accuracy of every step, DASH's gradient
 EMA over chunk-sized batches and its cosine shrink per kernel slice / unit /
 bias.
 
-torch is an optional extra (`pip install wsjax[bench]`); import this module
-only through `require_torch()`, which explains what to do when it is missing.
+torch is an optional extra (`pip install wsjax[bench]`): this module imports
+without it, and every function that needs it calls `require_torch()`, which
+raises `TorchMissing` saying how to install it.
 """
 from __future__ import annotations
 
 import copy
-import time
 from typing import Optional
 
 import numpy as np
@@ -301,9 +301,3 @@ def run_chunked_study(model_name: str, x_train, y_train, x_test, y_test,
       raise ValueError(f"the reference study has no method {method!r}")
   return {"stages": stages}
 
-
-def timed(fn, *args, **kwargs):
-  """(result, seconds) of one call."""
-  t0 = time.perf_counter()
-  out = fn(*args, **kwargs)
-  return out, time.perf_counter() - t0
