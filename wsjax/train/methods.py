@@ -151,17 +151,12 @@ def _mix_with_fresh(params, fresh_params, *, shrink, perturb):
   return jax.vmap(one)(params, fresh_params)
 
 
-@functools.lru_cache(maxsize=None)
-def _vmapped_opt_init(tx):
-  return jax.jit(jax.vmap(tx.init))
-
-
 def _shrink_perturb(prev, ctx, hp: MethodParams):
   fresh = ctx.fresh()
   if prev is None:
     return fresh
   params = _mix_with_fresh(prev.params, fresh.params, shrink=hp.shrink, perturb=hp.perturb)
-  return fresh.replace(params=params, opt_state=_vmapped_opt_init(ctx.tx)(params))
+  return fresh.replace(params=params, opt_state=policies.vmapped_opt_init(ctx.tx)(params))
 
 
 @functools.partial(jax.jit, static_argnames=("shrink", "sigma"))

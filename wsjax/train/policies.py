@@ -19,6 +19,7 @@ plain function, so research code can pass its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -45,9 +46,15 @@ class StageContext:
 Policy = Callable[[Optional[TrainState], StageContext], TrainState]
 
 
+@functools.lru_cache(maxsize=None)
+def vmapped_opt_init(tx):
+  """`tx.init` over a leading seed axis, jitted once per optimizer."""
+  return jax.jit(jax.vmap(tx.init))
+
+
 def reset_opt_states(states: TrainState, tx) -> TrainState:
   """Fresh optimizer state for every seed's current params; step to 0."""
-  opt_state = jax.jit(jax.vmap(tx.init))(states.params)
+  opt_state = vmapped_opt_init(tx)(states.params)
   return states.replace(opt_state=opt_state, step=states.step * 0)
 
 

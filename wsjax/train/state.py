@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from wsjax.models import make_init_fn
+
 PyTree = Any
 
 
@@ -37,14 +39,9 @@ class TrainState:
 InitFn = Callable[[jax.Array], dict]
 
 
-def make_variables_init(model, input_shape: Sequence[int]) -> InitFn:
-  """Returns `key -> variables`, a fresh draw of the model's own initializer."""
-  dummy = jnp.zeros((1, *input_shape), jnp.float32)
-
-  def init(key):
-    variables = model.init(key, dummy, train=False)
-    return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-  return init
+# `key -> variables`, a fresh draw of the model's own initializer
+# (`{'params'[, 'batch_stats']}`): the models' own `make_init_fn`.
+make_variables_init = make_init_fn
 
 
 def create_state(init_variables: InitFn, tx: optax.GradientTransformation,
@@ -65,9 +62,3 @@ def seed_keys(seeds: Sequence[int], stage: int, salt: int = 0) -> jax.Array:
   keys = [jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), stage), salt)
           for s in seeds]
   return jnp.stack(keys)
-
-
-def reset_optimizer(state: TrainState, tx: optax.GradientTransformation) -> TrainState:
-  """A fresh optimizer state for the current parameters (step count to 0)."""
-  return state.replace(opt_state=tx.init(state.params),
-                       step=jnp.zeros_like(state.step))
