@@ -74,6 +74,10 @@ def define_study_flags(**defaults) -> None:
   flags.DEFINE_bool("progress", True, "show a progress bar")
   flags.DEFINE_string("compilation_cache_dir", os.path.expanduser("~/.cache/wsjax/xla"),
                       "persistent XLA compilation cache ('' to disable)")
+  flags.DEFINE_integer("host_devices", 0, "CPU only: host devices to run on (0: one per core, "
+                       "at most --seeds); ignored if XLA_FLAGS sets a device count")
+  flags.DEFINE_integer("seed_devices", 0, "device groups the seeds are spread over "
+                       "(0: one per device on CPU, 1 on GPU/TPU)")
   flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0")
   flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
   flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
@@ -98,6 +102,14 @@ def setup_jax() -> None:
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if FLAGS.host_devices < 0 or FLAGS.seed_devices < 0:
+    raise ValueError("--host_devices and --seed_devices must be >= 0")
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # One CPU device per core: seeds then train side by side on all cores
+    # (only the CPU backend reads this; must precede backend start-up).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    jax.config.update("jax_num_cpu_devices",
+                      FLAGS.host_devices or max(1, min(cores or 1, FLAGS.seeds)))
   if FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
@@ -219,7 +231,8 @@ def run_study(experiment: str, plots: Callable[[dict, str], list]) -> None:
   from wsjax.train.study import Study
   setup_jax()
   config = study_config(experiment)
-  study = Study(config, FLAGS.workdir, progress=FLAGS.progress)
+  study = Study(config, FLAGS.workdir, progress=FLAGS.progress,
+                seed_devices=FLAGS.seed_devices or None)
   prepare_workdir(FLAGS.workdir, config)
   out = study.run()
   if jax.process_index() == 0:

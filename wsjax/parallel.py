@@ -2,10 +2,19 @@
 devices, a GPU or a TPU pod.
 
 wsjax is data-parallel with sharded `jax.jit` (the modern form of `pmap`): a
-`jax.sharding.Mesh` whose single `data` axis spans every device of every
-process; batches are sharded along their example axis, the training state is
+`jax.sharding.Mesh` whose `data` axis spans every device of every process;
+batches are sharded along their example axis, the training state is
 replicated. XLA's SPMD partitioner inserts the collectives (gradient
 all-reduce, global BatchNorm statistics), so model code stays per-example.
+
+Seeds can also be spread over devices: `seed_data_mesh(k)` folds the same
+devices into a 2-D `(seeds, data)` mesh, and inside a jitted program
+`over_seeds` places the leading (seed) axis of the stacked states on the
+`seeds` axis, so each group of devices trains its own seeds. This is what a
+multi-core CPU wants (one host device per core; a gradient all-reduce
+between host devices costs more than a small model's whole step, measured in
+BENCHMARKS.md). XLA pads a seed count that does not divide `k`; arrays stay
+replicated between programs, so checkpoints and host code do not change.
 """
 from __future__ import annotations
 
@@ -16,12 +25,50 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
+SEEDS_AXIS = "seeds"
 
 
 @functools.lru_cache(maxsize=None)
 def data_mesh() -> Mesh:
   """A 1-D mesh over all devices of all processes, axis name `data`."""
   return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+@functools.lru_cache(maxsize=None)
+def seed_data_mesh(seed_devices: int = 1) -> Mesh:
+  """The devices of `data_mesh()` (same order) as a `(seeds, data)` mesh."""
+  devices = np.asarray(jax.devices())
+  if seed_devices < 1 or devices.size % seed_devices:
+    raise ValueError(f"seed_devices={seed_devices} does not divide the {devices.size} devices")
+  return Mesh(devices.reshape(seed_devices, -1), (SEEDS_AXIS, DATA_AXIS))
+
+
+def default_seed_devices(n_seeds: int) -> int:
+  """How many devices to spread `n_seeds` over by default.
+
+  On CPU (host devices, one per core) the largest divisor of the device
+  count that is at most `n_seeds`: whole seeds per core beat splitting a
+  small batch. On GPU/TPU 1: seeds share a device under `vmap`, the batch is
+  split over devices.
+  """
+  n = jax.device_count()
+  if jax.default_backend() != "cpu":
+    return 1
+  return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(n_seeds, 1))
+
+
+def over_seeds(tree, mesh: Mesh):
+  """Inside jit: shards the leading (seed) axis of every leaf over `seeds`."""
+  if mesh.shape.get(SEEDS_AXIS, 1) == 1:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P(SEEDS_AXIS)))
+
+
+def gathered(tree, mesh: Mesh):
+  """Inside jit: replicates every leaf again (the end of a seed-sharded program)."""
+  if mesh.shape.get(SEEDS_AXIS, 1) == 1:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
 
 
 def replicated(mesh: Mesh | None = None) -> NamedSharding:

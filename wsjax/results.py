@@ -2,7 +2,8 @@
 
 The schema of `results.json` (shared by every staged experiment):
 
-    {"experiment", "config", "environment": {"jax", "backend", "devices", "processes"},
+    {"experiment", "config",
+     "environment": {"jax", "backend", "devices", "processes", "seed_devices"},
      "methods": {METHOD: {"stages": [{"n_train", "train_acc": [per seed],
                                       "test_acc": [per seed], "steps": [per seed],
                                       "wall_s", ...}],

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from wsjax import parallel
 from wsjax import transforms as T
 from wsjax.train import policies
 
@@ -188,10 +189,11 @@ def _reset(prev, ctx, hp: MethodParams):
   return prev.replace(params=_reset_named(prev.params, fresh.params, names=tuple(hp.reset_layers)))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_batch"))
+@functools.partial(jax.jit, static_argnames=("model", "max_batch", "mesh"))
 def _chunk_gradient_ema(params, batch_stats, x, y, chunk_indices, chunk_mask, alpha, *,
-                        model, max_batch):
-  """Per seed: DASH's EMA of chunk gradients, model in eval mode."""
+                        model, max_batch, mesh):
+  """Per seed: DASH's EMA of chunk gradients, model in eval mode; seeds
+  spread over the `seeds` axis of `mesh`."""
   def one(p, bs):
     def loss_fn(pp, xb, yb):
       variables = {"params": pp, **({"batch_stats": bs} if bs else {})}
@@ -199,7 +201,13 @@ def _chunk_gradient_ema(params, batch_stats, x, y, chunk_indices, chunk_mask, al
       return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
     return T.dash_gradient(loss_fn, p, x, y, chunk_indices, alpha=alpha, max_batch=max_batch,
                            chunk_mask=chunk_mask)
-  return jax.vmap(one)(params, batch_stats)
+  params, batch_stats = parallel.over_seeds((params, batch_stats), mesh)
+  return parallel.gathered(jax.vmap(one)(params, batch_stats), mesh)
+
+
+def _seed_mesh(ctx: policies.StageContext):
+  """The stepper's (seeds, data) mesh; without a stepper, plain data parallelism."""
+  return ctx.stepper.mesh if ctx.stepper is not None else parallel.seed_data_mesh(1)
 
 
 def dash_signal(states, ctx: policies.StageContext, hp: MethodParams):
@@ -213,7 +221,7 @@ def dash_signal(states, ctx: policies.StageContext, hp: MethodParams):
   arrivals = [np.asarray(a, np.int32) for a in ctx.arrivals]
   grads = functools.partial(_chunk_gradient_ema, states.params, states.batch_stats,
                             ctx.data_x, ctx.data_y, model=ctx.model,
-                            max_batch=hp.dash_max_batch)
+                            max_batch=hp.dash_max_batch, mesh=_seed_mesh(ctx))
   if len({len(a) for a in arrivals}) == 1:
     rows = max(ctx.n_stages, len(arrivals))
     pad = rows - len(arrivals)

@@ -4,19 +4,22 @@ Three levels, each a pure function:
 
 * `train_step(state, x, y, reg)`: one SGD step for one model (cross-entropy
   plus an optional regularizer `penalty(params, reg)`, e.g. DASH's `l2_init`).
-* `Stepper.run_block`: `K` consecutive steps for every seed as one compiled
-  `lax.scan`; the seed axis is `jax.vmap`-ed, so five seeds cost one program.
-  Steps past the end of an epoch are skipped with a real `lax.cond` on an
-  unbatched mask, and seeds that have met their stopping rule are frozen with
-  a per-seed select. One program serves every stage and every buffer size.
+* `Stepper.run_block`: up to `K` consecutive steps for every seed as one
+  compiled loop; the seed axis is `jax.vmap`-ed, so five seeds cost one
+  program. The loop's trip count is an argument (the steps of the epoch
+  left), and seeds that have met their stopping rule are handed back their
+  block-start state. One program serves every stage and every buffer size.
 * `Stepper.evaluate`: accuracy and loss of every seed on an array of inputs,
   scanned in fixed-size batches (padded and masked) so it also compiles once.
 
-Data parallelism: the dataset sits replicated on every device; the index
-array of a block is sharded along its example axis over the `data` mesh
-axis, so each device gathers and processes its slice of every batch. The
-state is replicated; XLA's partitioner all-reduces gradients and computes
-BatchNorm statistics over the global batch.
+Parallelism, over a `(seeds, data)` mesh (`wsjax.parallel.seed_data_mesh`):
+the dataset sits replicated on every device; inside each program the stacked
+states are spread over the `seeds` axis (`seed_devices` groups of devices,
+each training its own seeds), and the index array of a block is sharded along
+its example axis over the `data` axis, so each device of a group gathers and
+processes its slice of every batch; XLA's partitioner all-reduces gradients
+and computes BatchNorm statistics over the global batch. Between programs
+the states are replicated. `seed_devices=1` is plain data parallelism.
 """
 from __future__ import annotations
 
@@ -91,18 +94,20 @@ class Stepper:
   def __init__(self, model, tx: optax.GradientTransformation, *, batch_size: int,
                block_steps: int, eval_batch_size: int = 1000,
                augment_fn: Optional[Callable] = None,
-               penalty: Optional[Penalty] = None):
+               penalty: Optional[Penalty] = None, seed_devices: int = 1):
     self.model = model
     self.tx = tx
     self.batch_size = batch_size
     self.block_steps = block_steps
     self.eval_batch_size = eval_batch_size
-    self.mesh = parallel.data_mesh()
-    n_dev = self.mesh.size
-    if batch_size % n_dev:
-      raise ValueError(f"batch size {batch_size} is not divisible by the {n_dev} devices")
+    self.mesh = parallel.seed_data_mesh(seed_devices)
+    n_data = self.mesh.shape[parallel.DATA_AXIS]
+    if batch_size % n_data:
+      raise ValueError(f"batch size {batch_size} is not divisible by the {n_data} devices "
+                       f"that share a seed")
     self._train_step = make_train_step(model, tx, augment_fn=augment_fn, penalty=penalty)
-    self._batch_sharding = parallel.sharded_along(1, self.mesh)  # (seeds, batch)
+    self._batch_sharding = jax.sharding.NamedSharding(  # (seeds, batch)
+        self.mesh, jax.sharding.PartitionSpec(parallel.SEEDS_AXIS, parallel.DATA_AXIS))
     # Shardings come from the inputs (state and data replicated, indices
     # sharded). Note: passing `out_shardings` here made XLA:CPU's program ~10x
     # slower on one device (jax 0.10.2), so outputs follow propagation.
@@ -110,46 +115,50 @@ class Stepper:
     self._eval = jax.jit(self._evaluate)
 
   # ---- training -----------------------------------------------------------
-  def _run_block(self, states: TrainState, active, data_x, data_y, idx, valid, reg):
-    """K steps for all seeds. idx: (K, S, B) dataset indices; valid: (K,) bool;
-    active: (S,) bool. Returns (states, steps_taken (S,), correct (S,), loss_sum (S,))."""
+  def _run_block(self, states: TrainState, active, data_x, data_y, idx, n_valid, reg):
+    """The first `n_valid` of K steps for all seeds.
+
+    idx: (K, S, B) dataset indices; n_valid: int32 scalar (<= K); active:
+    (S,) bool. Returns (states, (steps_taken, correct, loss_sum)), each (S,).
+    A seed with `active` False runs along (vmap has no per-seed skip) and is
+    handed back its block-start state: one select per block, not per step,
+    since `active` only changes between blocks. The loop runs exactly
+    `n_valid` steps (a dynamic trip count, no per-step `cond`).
+    """
     vstep = jax.vmap(self._train_step, in_axes=(0, 0, 0, 0))
 
-    def body(carry, inputs):
-      states, steps, correct, loss_sum = carry
-      idx_k, valid_k = inputs
+    def body(k, carry):
+      states, correct, loss_sum = carry
+      idx_k = idx[k]
       if self.mesh.size > 1:
         idx_k = jax.lax.with_sharding_constraint(idx_k, self._batch_sharding)
-
-      def do_step(carry):
-        states, steps, correct, loss_sum = carry
-        x = data_x[idx_k]
-        y = data_y[idx_k]
-        new_states, (loss, corr) = vstep(states, x, y, reg)
-        states = jax.vmap(_select)(active, new_states, states)
-        act = active.astype(jnp.int32)
-        return (states, steps + act, correct + corr * act,
-                loss_sum + jnp.where(active, loss, 0.0))
-
-      carry = jax.lax.cond(valid_k, do_step, lambda c: c, carry)
-      return carry, None
+      states, (loss, corr) = vstep(states, data_x[idx_k], data_y[idx_k], reg)
+      return states, correct + corr, loss_sum + loss
 
     n_seeds = active.shape[0]
-    zeros_i = jnp.zeros((n_seeds,), jnp.int32)
-    init = (states, zeros_i, zeros_i, jnp.zeros((n_seeds,), jnp.float32))
-    (states, steps, correct, loss_sum), _ = jax.lax.scan(body, init, (idx, valid))
-    return states, (steps, correct, loss_sum)
+    init = (states, jnp.zeros((n_seeds,), jnp.int32), jnp.zeros((n_seeds,), jnp.float32))
+    init, active = parallel.over_seeds((init, active), self.mesh)
+    final, correct, loss_sum = jax.lax.fori_loop(0, n_valid, body, init)
+    states = jax.vmap(_select)(active, final, init[0])
+    act = active.astype(jnp.int32)
+    counters = (n_valid * act, correct * act, jnp.where(active, loss_sum, 0.0))
+    return parallel.gathered((states, counters), self.mesh)
 
   def train_block(self, states, active, data_x, data_y, idx, valid, reg=None):
-    """Runs one block. idx: host int array (K, S, B); valid: (K,) bool.
+    """Runs one block. idx: host int array (K, S, B); valid: (K,) bool, a
+    prefix of True (the steps of the epoch left; the rest is padding).
 
     Returns (states, steps (S,), correct (S,), loss_sum (S,)) with the
     counters as host numpy arrays.
     """
+    valid = np.asarray(valid, bool)
+    n_valid = int(valid.sum())
+    if not valid[:n_valid].all():
+      raise ValueError("valid must be a prefix of True steps followed by padding")
     idx = parallel.put(np.asarray(idx, np.int32), parallel.sharded_along(2, self.mesh))
-    valid = parallel.put_replicated(np.asarray(valid, bool), self.mesh)
     active = parallel.put_replicated(np.asarray(active, bool), self.mesh)
-    states, counters = self.run_block(states, active, data_x, data_y, idx, valid, reg)
+    states, counters = self.run_block(states, active, data_x, data_y, idx,
+                                      np.int32(n_valid), reg)
     steps, correct, loss_sum = parallel.to_host(counters)
     return states, steps, correct, loss_sum
 
@@ -170,7 +179,8 @@ class Stepper:
 
       (correct, loss), _ = jax.lax.scan(body, (0.0, 0.0), (x, y, mask))
       return correct, loss
-    return jax.vmap(one_seed)(params, batch_stats)
+    params, batch_stats = parallel.over_seeds((params, batch_stats), self.mesh)
+    return parallel.gathered(jax.vmap(one_seed)(params, batch_stats), self.mesh)
 
   def evaluate(self, states: TrainState, x: jax.Array, y: jax.Array):
     """Accuracy and mean loss of every seed on (x, y), host arrays (S,)."""
@@ -190,7 +200,8 @@ class Stepper:
       return cache[key][1]
     n = x.shape[0]
     e = self.eval_batch_size
-    e = -(-e // self.mesh.size) * self.mesh.size
+    n_data = self.mesh.shape[parallel.DATA_AXIS]
+    e = -(-e // n_data) * n_data
     nb = -(-n // e)
     pad = nb * e - n
     xh = np.asarray(parallel.to_host(x))

@@ -7,7 +7,8 @@ PAPERS.md §1-2). For every method, for every stage of the arrival schedule:
 1. the method's policy prepares the stage's starting state from the previous
    stage's final state (cold, warm, shrink-and-perturb, DASH, ...);
 2. every seed trains on the whole buffer until its stopping rule holds; the
-   seeds run side by side (`jax.vmap`), the batch is sharded over devices;
+   seeds run side by side (`jax.vmap`), spread over device groups, and the
+   batch is sharded over the devices of a group (`wsjax.parallel`);
 3. test accuracy, training accuracy and steps are recorded per seed.
 
 Checkpoints (see `wsjax.checkpoint`) are written at every stage end and every
@@ -118,9 +119,20 @@ class Study:
   """Runs a `StudyConfig` in `workdir`, resuming from its checkpoints."""
 
   def __init__(self, config: StudyConfig, workdir: str, *, progress: bool = True,
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = print, seed_devices: Optional[int] = None):
+    """`seed_devices`: over how many device groups the seeds are spread (see
+    `wsjax.parallel`); None picks `parallel.default_seed_devices`. A layout
+    choice, not part of the config: results agree to float rounding."""
     config.validate()
     self.cfg = config
+    n_dev = jax.device_count()
+    self.seed_devices = seed_devices or parallel.default_seed_devices(config.seeds)
+    if n_dev % self.seed_devices:
+      raise ValueError(f"seed_devices={self.seed_devices} does not divide the {n_dev} devices")
+    if config.batch_size % (n_dev // self.seed_devices):
+      raise ValueError(f"batch size {config.batch_size} is not divisible by the "
+                       f"{n_dev // self.seed_devices} devices that share a seed "
+                       f"({n_dev} devices, seed_devices={self.seed_devices})")
     self.workdir = os.path.abspath(workdir)
     self.progress = progress and jax.process_index() == 0
     self.log = log if jax.process_index() == 0 else (lambda s: None)
@@ -163,7 +175,8 @@ class Study:
     if penalty not in self._steppers:
       self._steppers[penalty] = Stepper(
           self.model, self.tx, batch_size=self.cfg.batch_size,
-          block_steps=self.cfg.block_steps, augment_fn=self._augment_fn, penalty=penalty)
+          block_steps=self.cfg.block_steps, augment_fn=self._augment_fn, penalty=penalty,
+          seed_devices=self.seed_devices)
     return self._steppers[penalty]
 
   def one_model_template(self) -> dict:
@@ -192,7 +205,8 @@ class Study:
     cfg = self.cfg
     source = self.source
     out = {"experiment": cfg.experiment, "config": cfg.to_dict(),
-           "environment": results_lib.environment(), "methods": {}}
+           "environment": {**results_lib.environment(), "seed_devices": self.seed_devices},
+           "methods": {}}
     n_stages = len(self.schedule.stages)
     bar = tqdm.tqdm(total=len(cfg.methods) * n_stages, desc="stages", unit="stage",
                     disable=not self.progress, dynamic_ncols=True)
