@@ -30,10 +30,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 def cpu_count() -> int:
   """Cores this process may run on (the affinity mask, not the host's total)."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # pragma: no cover - not Linux
-    return os.cpu_count() or 1
+  from wsjax import parallel
+  return parallel.cpu_cores()
 
 
 def peak_rss_mb() -> float:

@@ -4,7 +4,6 @@
     python -m benchmarks.run --quick            # a short smoke run (~3 min on 2 cores)
     python -m benchmarks.run --only=throughput,seeds
     python -m benchmarks.run --only=resnet_probe   # ResNet-18 CPU investigation
-    python -m benchmarks.run --only=seeds_probe    # seeds sharded over host devices
 
 Each benchmark prints a table; BENCHMARKS.md records the numbers measured
 with these commands. The PyTorch reference is an optional extra
@@ -26,7 +25,6 @@ BENCHMARKS = {
     "seeds": ("benchmarks.seeds", True),
     "gpu": ("benchmarks.gpu", True),
     "resnet_probe": ("benchmarks.resnet_probe", False),
-    "seeds_probe": ("benchmarks.seeds_probe", False),
 }
 
 

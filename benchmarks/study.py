@@ -10,8 +10,9 @@ in eval mode, then cosine shrink per kernel slice / unit / bias); 5 seeds;
 the 1-D ConvNet.
 
 * wsjax: `Study(StudyConfig(...)).run()` as the experiment programs run it
-  (5 seeds vmapped, blocks of 32 steps, orbax checkpoints at every stage
-  end), from loading the data to the results, in a fresh process, so XLA
+  (5 seeds vmapped and spread over one CPU device per core, blocks of 32
+  steps, orbax checkpoints at every stage end, the first stage trained once
+  for the methods that start it alike), from loading the data to the results, in a fresh process, so XLA
   compilation is included; the time spent tracing, lowering and compiling
   is also measured on its own (jax.monitoring), and the time in train
   blocks, evaluation, checkpoints and diagnostics (each including the
@@ -50,10 +51,12 @@ def protocol(quick: bool) -> dict:
 class JaxStudy:
   """Runs the protocol with `wsjax.train.study.Study` (one run per process)."""
 
-  def __init__(self):
+  def __init__(self, seeds: int):
     import jax  # noqa: F401  (import time is not part of the measurement)
     import wsjax.train.study  # noqa: F401
-    self.info = {}
+    from wsjax import parallel
+    # as the experiment programs do: one CPU device per core, at most one per seed
+    self.info = {"host_devices": parallel.use_cpu_devices(0, at_most=seeds)}
 
   def run(self, p: dict, diagnostics: bool = False) -> dict:
     """One whole study; `diagnostics` turns on the per-stage plasticity
@@ -102,7 +105,7 @@ class JaxStudy:
       methods[m] = {"final_test_acc": r["final_test_acc"]["mean"],
                     "total_steps": float(np.sum(r["total_steps"]["per_seed"])),
                     "epochs_per_stage": [s["epochs"] for s in r["stages"]]}
-    return {"wall_s": wall, "diagnostics": diagnostics,
+    return {"wall_s": wall, "diagnostics": diagnostics, "environment": out["environment"],
             "compile_s": sum(compile_events.values()),
             "compile_events_s": compile_events,
             "parts_s": parts,
@@ -184,7 +187,7 @@ def run(quick: bool = False) -> dict:
       worker = common.Worker("benchmarks.study:TorchStudy", threads=common.cpu_count())
       args = (p,)
     else:
-      worker = common.Worker("benchmarks.study:JaxStudy")
+      worker = common.Worker("benchmarks.study:JaxStudy", seeds=p["seeds"])
       args = (p, side == "wsjax_diagnostics")
     with worker as w:
       r = w.call("run", *args)

@@ -42,9 +42,10 @@ def flops_per_step(train_step, state, x, y) -> float:
 class JaxSmall:
   """wsjax `Stepper` blocks for one seed of a small model on MNIST-1D."""
 
-  def __init__(self, model: str, block_steps: int = 32, seeds: int = 1):
+  def __init__(self, model: str, block_steps: int = 32, seeds: int = 1, host_devices: int = 1):
     import jax
     from wsjax import parallel
+    parallel.use_cpu_devices(host_devices)  # before any JAX operation
     from wsjax.data import load_dataset
     from wsjax.models import get_model
     from wsjax.train.optim import OptimizerConfig, make_optimizer
@@ -55,7 +56,8 @@ class JaxSmall:
     self.n_train = len(ds.y_train)
     self.model = get_model(model, ds.num_classes)
     tx = make_optimizer(OptimizerConfig(name="sgd", lr=LR, momentum=MOMENTUM))
-    self.stepper = Stepper(self.model, tx, batch_size=BATCH, block_steps=block_steps)
+    self.stepper = Stepper(self.model, tx, batch_size=BATCH, block_steps=block_steps,
+                           seed_devices=parallel.default_seed_devices(seeds))
     init = make_variables_init(self.model, ds.input_shape)
     fresh = jax.jit(jax.vmap(lambda k: create_state(init, tx, k)),
                     out_shardings=parallel.replicated())
@@ -79,6 +81,7 @@ class JaxSmall:
     one = jax.tree.map(lambda a: a[0], self.states)
     self.info = {"first_call_s": first, "second_call_s": second,
                  "compile_s": max(first - second, 0.0), "devices": jax.device_count(),
+                 "seed_devices": self.stepper.mesh.shape[parallel.SEEDS_AXIS],
                  "block_steps": block_steps, "seeds": seeds,
                  "flops_per_step": flops_per_step(make_train_step(self.model, tx), one,
                                                   self.data_x[:BATCH], self.data_y[:BATCH])}

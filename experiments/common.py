@@ -98,18 +98,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def setup_jax() -> None:
-  """Multi-host initialization and the persistent compilation cache."""
+  """CPU devices, multi-host initialization, the persistent compilation cache."""
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if FLAGS.host_devices < 0 or FLAGS.seed_devices < 0:
     raise ValueError("--host_devices and --seed_devices must be >= 0")
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # One CPU device per core: seeds then train side by side on all cores
-    # (only the CPU backend reads this; must precede backend start-up).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    jax.config.update("jax_num_cpu_devices",
-                      FLAGS.host_devices or max(1, min(cores or 1, FLAGS.seeds)))
+  from wsjax import parallel
+  parallel.use_cpu_devices(FLAGS.host_devices, at_most=FLAGS.seeds)
   if FLAGS.coordinator_address:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)

@@ -71,6 +71,26 @@ def test_cli_writes_results_table_and_plot(reference_run):
   assert warm["stages"][1]["test_acc"] != cold["stages"][1]["test_acc"]
 
 
+def test_first_stage_is_trained_once_and_reused_exactly(reference_run, env, tmp_path):
+  """warm, sp and dash start their first stage from cold's fresh init, so the
+  study trains it once; warm trained on its own gets the same results."""
+  workdir, p = reference_run
+  for method in ("warm", "sp", "dash"):
+    assert f"[{method}] stage 1 starts and trains as cold's: reusing its result" in p.stdout
+  alone = run_cli("experiments.warm_start", *_args(env, tmp_path / "warm", "--methods=warm"),
+                  env=env[0])
+  assert alone.returncode == 0, alone.stderr[-2000:]
+  assert "reusing" not in alone.stdout
+  got = _strip_times(json.load(open(tmp_path / "warm" / "results.json")))["methods"]["warm"]
+  want = _strip_times(json.load(open(workdir / "results.json")))["methods"]["warm"]
+  assert got == want
+  # l2_init trains a penalized program from its first step: nothing to reuse
+  p = run_cli("experiments.warm_start", *_args(env, tmp_path / "l2", "--methods=cold,l2_init"),
+              env=env[0])
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "reusing" not in p.stdout
+
+
 def test_rerun_resumes_and_changed_config_is_refused(reference_run, env):
   workdir, _ = reference_run
   before = open(workdir / "results.json").read()

@@ -19,6 +19,8 @@ replicated between programs, so checkpoints and host code do not change.
 from __future__ import annotations
 
 import functools
+import os
+from typing import Optional
 
 import jax
 import numpy as np
@@ -26,6 +28,32 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 SEEDS_AXIS = "seeds"
+
+
+def cpu_cores() -> int:
+  """Cores this process may run on (the affinity mask, not the host's total)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover - not Linux
+    return os.cpu_count() or 1
+
+
+def use_cpu_devices(n: int = 0, at_most: Optional[int] = None) -> Optional[int]:
+  """Call before JAX's backends start: run the CPU backend as `n` devices
+  (0: one per core, at most `at_most`, e.g. the number of seeds).
+
+  XLA:CPU runs a small model's step on about one core; with one device per
+  core, seeds spread over devices use them all (see `seed_data_mesh`). A
+  device count already set in XLA_FLAGS wins. Only the CPU backend reads it.
+  Returns the count set, or None.
+  """
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  if n < 0:
+    raise ValueError(f"host devices must be >= 0, got {n}")
+  n = n or max(1, min(cpu_cores(), at_most or cpu_cores()))
+  jax.config.update("jax_num_cpu_devices", n)
+  return n
 
 
 @functools.lru_cache(maxsize=None)

@@ -165,6 +165,7 @@ class Study:
       augment_fn = augment_images
     self._augment_fn = augment_fn
     self._steppers: dict[Any, Stepper] = {}
+    self._first_stages: list[_FirstStage] = []  # trained first stages, for reuse
     self.source = self._warm_start_source()  # checked before any file is written
 
   # ---- pieces ---------------------------------------------------------------
@@ -225,6 +226,24 @@ class Study:
       run.run_stage(bar)
       bar.update(1)
     return run.pos["stages"]
+
+
+@dataclasses.dataclass
+class _FirstStage:
+  """A trained first stage that another method may reuse: its starting state
+  (host copy, compared bit for bit), penalty, and the finished result."""
+  method: str
+  penalty: Any
+  start: Any        # host numpy tree of the stage's starting TrainState
+  states: Any       # device copy of the stage's final states
+  pos: dict         # the position after the stage (its record included)
+
+
+def _same_tree(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return (jax.tree.structure(a) == jax.tree.structure(b)
+          and all(x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
+                  for x, y in zip(la, lb)))
 
 
 def _fresh_position(n_seeds: int) -> dict:
@@ -314,10 +333,15 @@ class MethodRun:
     s = pos["stage"]
     ctx = self._context(s)
     t0 = time.perf_counter()
+    first_start = None
     if not pos["started"]:
       self.states = methods_lib.prepare_stage(self.spec, self.states, ctx, cfg.method_params)
       if self.spec.make_reg is not None and not jax.tree.leaves(self.reg):
         self.reg = self.spec.make_reg(self.states, cfg.method_params)
+      if s == 0 and not jax.tree.leaves(self.reg):
+        first_start = parallel.to_host(self.states)
+        if self._reuse_first_stage(first_start):
+          return
       if cfg.diagnostics:  # a copy: the training state's buffers are donated
         self.start = jax.tree.map(lambda x: x.copy(), self.states.params)
       pos.update(started=True, epoch=0, block=0, active=[True] * n_seeds,
@@ -325,6 +349,28 @@ class MethodRun:
                  stage_steps=[0] * n_seeds, stage_wall_s=0.0)
     t0 = self._train_until_stopped(s, t0, bar)
     self._finish_stage(s, ctx, t0)
+    if first_start is not None:
+      self.study._first_stages.append(_FirstStage(
+          self.method, self.spec.penalty, first_start,
+          jax.tree.map(lambda x: x.copy(), self.states), json.loads(json.dumps(self.pos))))
+
+  def _reuse_first_stage(self, start) -> bool:
+    """Adopts another method's trained first stage when this one would train
+    exactly the same: same starting state (bit for bit), same step program
+    (penalty) and no penalty reference. E.g. cold, warm, shrink-and-perturb
+    and DASH all start from the fresh initialization, so in a study of those
+    the first stage is trained once. Results are unchanged: the training is
+    deterministic, so the reused stage is the stage this method would train."""
+    for first in self.study._first_stages:
+      if first.penalty is self.spec.penalty and _same_tree(first.start, start):
+        self.states = jax.tree.map(lambda x: x.copy(), first.states)
+        self.pos = json.loads(json.dumps(first.pos))
+        self.start = {}
+        self.study.log(f"[{self.method}] stage 1 starts and trains as {first.method}'s: "
+                       "reusing its result")
+        self.save("stage_end")
+        return True
+    return False
 
   def _train_until_stopped(self, s: int, t0: float, bar) -> float:
     """Epochs of K-step blocks until every seed meets the stopping rule."""
