@@ -120,23 +120,29 @@ class JaxResNet:
   """wsjax's jitted `train_step` for the CIFAR ResNet-18 on random inputs."""
 
   def __init__(self, batch: int = BATCH, width: int = 64, dtype: str = "float32",
-               matmul_precision: str = "", warmup: int = 2):
+               matmul_precision: str = "", warmup: int = 2, host_devices: int = 1):
+    """`host_devices` > 1: the CPU as that many devices, the batch split over
+    them (wsjax's data parallelism: a `data` mesh, gradients all-reduced)."""
     import jax
     import jax.numpy as jnp
+    from wsjax import parallel
     from wsjax.models import get_model
     from wsjax.train.optim import OptimizerConfig, make_optimizer
     from wsjax.train.state import create_state, make_variables_init
     from wsjax.train.steps import make_train_step
 
+    parallel.use_cpu_devices(host_devices)  # before any JAX operation
     if matmul_precision:
       jax.config.update("jax_default_matmul_precision", matmul_precision)
     model = get_model("resnet18", 10, width=width)
     tx = make_optimizer(OptimizerConfig(name="sgd", lr=LR, momentum=MOMENTUM))
     init = make_variables_init(model, (32, 32, 3))
-    self.state = jax.jit(lambda k: create_state(init, tx, k))(jax.random.PRNGKey(0))
+    self.state = jax.jit(lambda k: create_state(init, tx, k),
+                         out_shardings=parallel.replicated())(jax.random.PRNGKey(0))
     key = jax.random.PRNGKey(1)
-    self.x = jax.random.normal(key, (batch, 32, 32, 3), jnp.dtype(dtype))
-    self.y = jax.random.randint(key, (batch,), 0, 10)
+    self.x = jax.device_put(jax.random.normal(key, (batch, 32, 32, 3), jnp.dtype(dtype)),
+                            parallel.sharded_along(0))
+    self.y = jax.device_put(jax.random.randint(key, (batch,), 0, 10), parallel.sharded_along(0))
     self.flops = flops_per_step(make_train_step(model, tx), self.state, self.x, self.y)
     self.step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
     self.batch = batch
@@ -148,7 +154,7 @@ class JaxResNet:
     first, warm = (times[0], times[-1]) if times else (None, None)
     self.info = {"first_call_s": first, "warm_call_s": warm,
                  "compile_s": max(first - warm, 0.0) if times else None, "batch": batch,
-                 "flops_per_step": self.flops,
+                 "flops_per_step": self.flops, "devices": jax.device_count(),
                  "matmul_precision": matmul_precision or "default"}
 
   def _step(self):
@@ -281,6 +287,9 @@ def _compare(name: str, sides: dict, rounds: int, n_steps: int) -> dict:
   if torch_sides and "wsjax" in out["sides"]:
     w = out["sides"]["wsjax"]["examples_per_s"]
     out["ratio_wsjax_over_torch"] = {s: w / out["sides"][s]["examples_per_s"] for s in torch_sides}
+    out["ratio_over_first_torch_side"] = {
+        s: v["examples_per_s"] / out["sides"][torch_sides[0]]["examples_per_s"]
+        for s, v in out["sides"].items() if s.startswith("wsjax_")}
   return out
 
 
@@ -313,6 +322,9 @@ def run(quick: bool = False) -> dict:
         w.close()
   common.log("throughput: resnet18 ...")
   sides = {"wsjax": common.Worker("benchmarks.throughput:JaxResNet", warmup=2)}
+  if threads > 1:  # the batch split over one CPU device per core
+    sides[f"wsjax_{threads}_devices"] = common.Worker("benchmarks.throughput:JaxResNet",
+                                                      warmup=2, host_devices=threads)
   if have_torch:
     sides["torch_eager"] = common.Worker("benchmarks.throughput:TorchResNet", threads=threads)
   try:
@@ -327,10 +339,11 @@ def report(result: dict) -> str:
   rows = []
   for name, m in result["models"].items():
     for side, s in m["sides"].items():
-      ratio = m.get("ratio_wsjax_over_torch", {}).get(side)
+      ratio = (m.get("ratio_wsjax_over_torch", {}).get(side)
+               or m.get("ratio_over_first_torch_side", {}).get(side))
       compile_s = s["info"].get("compile_s")
       rows.append([name, side, s["examples_per_s"], 1000 * BATCH / s["examples_per_s"],
                    s.get("gflop_per_s"), s.get("cores_busy"), compile_s, s["peak_rss_mb"],
                    None if ratio is None else f"{ratio:.2f}x"])
   return common.table(rows, ["model", "side", "examples/s", "ms/step", "GFLOP/s", "cores busy", "compile s",
-                             "peak RSS MiB", "wsjax/this"])
+                             "peak RSS MiB", "wsjax/this (wsjax_N: this/torch)"])
