@@ -11,6 +11,10 @@ load:
 * XLA flags: `--xla_cpu_enable_fast_math=true`; `--xla_cpu_use_thunk_runtime=false`
   (the pre-thunk CPU runtime; jax 0.10.2's XLA says the flag is no longer
   supported and ignores it);
+* library calls for convolutions (and dots): oneDNN, XNNPACK, YNNPACK via
+  `--xla_cpu_experimental_{onednn,xnn,ynn}_fusion_type=`;
+* the batch split over 2 CPU devices (wsjax's data parallelism over one
+  device per core);
 * `jax_default_matmul_precision` "highest" and "bfloat16";
 * layout: a plain-`lax` ResNet-18 (no Flax) in NHWC/HWIO and in NCHW/OIHW,
   PyTorch's layout, same parameters, same BatchNorm arithmetic;
@@ -132,6 +136,14 @@ VARIANTS = {
                           {"matmul_precision": "highest"}),
     "precision_bfloat16": ("benchmarks.throughput:JaxResNet", None,
                            {"matmul_precision": "bfloat16"}),
+    "onednn_convolutions": ("benchmarks.throughput:JaxResNet", {"XLA_FLAGS": (
+        "--xla_cpu_experimental_onednn_fusion_type="
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")}, {}),
+    "xnnpack_convolutions": ("benchmarks.throughput:JaxResNet", {"XLA_FLAGS": (
+        "--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")}, {}),
+    "ynnpack_convolutions": ("benchmarks.throughput:JaxResNet", {"XLA_FLAGS": (
+        "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION")}, {}),
+    "batch_over_2_cpu_devices": ("benchmarks.throughput:JaxResNet", None, {"host_devices": 2}),
     "lax_nhwc": ("benchmarks.resnet_probe:LaxResNet", None, {"layout": "NHWC"}),
     "lax_nchw": ("benchmarks.resnet_probe:LaxResNet", None, {"layout": "NCHW"}),
     "torch_channels_last": ("benchmarks.throughput:TorchResNet", None,

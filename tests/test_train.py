@@ -62,7 +62,9 @@ def test_train_step_lowers_the_loss(mnist1d):
   assert int(state.step) == 30
 
 
-def _run_blocks(ds, seeds, n_blocks=3, k=8, active=None, model_name="conv1d", seed_devices=1):
+def _run_blocks(ds, seeds, n_blocks=3, k=8, active=None, model_name="conv1d", seed_devices=1,
+                programs=None):
+  """Trains `n_blocks` blocks; appends the number of compiled block programs to `programs`."""
   model, tx, fresh = _setup(ds, model_name)
   states = fresh(seed_keys(seeds, 0))
   stepper = Stepper(model, tx, batch_size=64, block_steps=k, seed_devices=seed_devices)
@@ -78,6 +80,8 @@ def _run_blocks(ds, seeds, n_blocks=3, k=8, active=None, model_name="conv1d", se
     sl = np.concatenate([sl, np.zeros((k - len(sl), *sl.shape[1:]), sl.dtype)])
     states, steps, correct, loss = stepper.train_block(states, act, x, y, sl, valid)
     total.append(steps)
+  if programs is not None:
+    programs.append(stepper.run_block._cache_size())
   return parallel.to_host(states), np.sum(total, 0)
 
 
@@ -119,9 +123,10 @@ from wsjax.data import load_dataset
 ds = load_dataset("mnist1d", {data_dir!r})
 out = {{"devices": jax.device_count()}}
 layouts = [1, 2, 8] if jax.device_count() == 8 else [1]
+out["programs"] = programs = []
 for name in ("conv1d", "bn_mlp"):
   for g in layouts:
-    states, steps = _run_blocks(ds, [0, 1, 2], model_name=name, seed_devices=g)
+    states, steps = _run_blocks(ds, [0, 1, 2], model_name=name, seed_devices=g, programs=programs)
     out[f"{{name}}/{{g}}"] = [np.asarray(x).tolist()
                               for x in jax.tree.leaves((states.params, states.batch_stats))]
 print(json.dumps(out))
@@ -142,6 +147,9 @@ def test_eight_devices_equal_one_device(data_dir):
     assert p.returncode == 0, p.stderr[-3000:]
     outs[n] = json.loads(p.stdout.strip().splitlines()[-1])
   assert outs[1]["devices"] == 1 and outs[8]["devices"] == 8
+  # every layout compiles its block program once: the states a block returns
+  # come back with the shardings they went in with
+  assert outs[1]["programs"] == [1] * 2 and outs[8]["programs"] == [1] * 6
   for name in ("conv1d", "bn_mlp"):  # bn_mlp: BatchNorm statistics over the global batch
     one = outs[1][f"{name}/1"]
     assert len(one) == (8 if name == "conv1d" else 7)  # bn_mlp: 5 params + mean, var

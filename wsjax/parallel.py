@@ -93,10 +93,13 @@ def over_seeds(tree, mesh: Mesh):
 
 
 def gathered(tree, mesh: Mesh):
-  """Inside jit: replicates every leaf again (the end of a seed-sharded program)."""
+  """Inside jit: replicates every leaf again (the end of a seed-sharded
+  program), on `data_mesh()`, the mesh the inputs come on: outputs fed back
+  as inputs then hit the same compiled program (another mesh object over
+  the same devices would be a cache miss and a recompilation)."""
   if mesh.shape.get(SEEDS_AXIS, 1) == 1:
     return tree
-  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
+  return jax.lax.with_sharding_constraint(tree, replicated())
 
 
 def replicated(mesh: Mesh | None = None) -> NamedSharding:

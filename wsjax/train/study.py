@@ -11,6 +11,11 @@ PAPERS.md §1-2). For every method, for every stage of the arrival schedule:
    batch is sharded over the devices of a group (`wsjax.parallel`);
 3. test accuracy, training accuracy and steps are recorded per seed.
 
+A first stage that a later method would train exactly as an earlier one did
+(bit-equal starting state, same step program: e.g. cold, warm, shrink-and-
+perturb and DASH all start from the fresh initialization) is trained once and
+reused (`MethodRun._reuse_first_stage`); the results are the same.
+
 Checkpoints (see `wsjax.checkpoint`) are written at every stage end and every
 `checkpoint_every` steps; running the same study again in the same workdir
 resumes from the latest complete one and gives the same results.
