@@ -173,6 +173,8 @@ def test_warm_start_source_mismatch_lists_paths(reference_run, env, tmp_path):
     (["--lr=abc"], "could not convert"),
     (["--opt_state=sometimes"], "should be one of"),
     (["--no_such_flag=1"], "unknown command line flag"),
+    (["--host_devices=2", "--seed_devices=3"], "seed_devices=3 does not divide the 2 devices"),
+    (["--host_devices=-1"], "must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(env, tmp_path, extra, message):
   workdir = tmp_path / "w"

@@ -173,3 +173,39 @@ def test_optimizer_validation():
   upd, state = sgd.update({"w": jnp.ones(3)}, state, params)
   # PyTorch SGD momentum: buf = 0.9*buf + g -> second step -0.1 * 1.9
   np.testing.assert_allclose(upd["w"], -0.19 * np.ones(3), rtol=1e-6)
+
+
+_LAYOUT = r"""
+import json, os, jax
+from wsjax import parallel
+set_to = parallel.use_cpu_devices(0, at_most={at_most})
+print(json.dumps({{"set": set_to, "devices": jax.device_count(),
+                  "groups": {{s: parallel.default_seed_devices(s) for s in (1, 2, 3, 5, 8)}},
+                  "mesh": dict(parallel.seed_data_mesh(parallel.default_seed_devices(3)).shape)}}))
+"""
+
+
+@pytest.mark.parametrize("xla_flags,at_most,want_devices", [
+    ("", 1, 1),                                                 # one seed: one device
+    ("", 64, parallel.cpu_cores()),                             # one device per core
+    ("--xla_force_host_platform_device_count=8", 1, 8),         # XLA_FLAGS wins
+])
+def test_cpu_devices_and_seed_groups(xla_flags, at_most, want_devices):
+  """The CPU layout: devices per core (capped by the seeds, XLA_FLAGS first);
+  seeds spread over the largest group count that divides the devices."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags)
+  p = subprocess.run([sys.executable, "-c", _LAYOUT.format(at_most=at_most)], env=env,
+                     capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert p.returncode == 0, p.stderr[-2000:]
+  out = json.loads(p.stdout.strip().splitlines()[-1])
+  assert out["devices"] == want_devices
+  assert out["set"] == (None if xla_flags else want_devices)
+  n = want_devices
+  if n == 8:  # seeds -> groups: the largest divisor of 8 that is <= the seeds
+    assert out["groups"] == {"1": 1, "2": 2, "3": 2, "5": 4, "8": 8}
+  elif n == 1:
+    assert set(out["groups"].values()) == {1}
+  g3 = out["groups"]["3"]
+  assert out["mesh"] == {"seeds": g3, "data": n // g3}
+  with pytest.raises(ValueError, match="does not divide"):
+    parallel.seed_data_mesh(3) if jax.device_count() % 3 else parallel.seed_data_mesh(0)
