@@ -304,3 +304,19 @@ def test_augment_rejects_non_images():
     wd.augment_images(jax.random.PRNGKey(0), jnp.zeros((4, 40, 1)))
   with pytest.raises(ValueError, match="crop_padding"):
     wd.augment_images(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 1)), -1)
+
+
+def test_processes_building_one_data_dir_at_once_all_succeed(tmp_path):
+  """The processes of a multi-process run (or two runs) start on an empty
+  data dir together: one builds, the others wait for it and read the same data."""
+  import subprocess
+  import sys
+  code = ("import sys, numpy as np; from wsjax.data import load_dataset; "
+          "ds = load_dataset('digits', sys.argv[1]); "
+          "print(len(ds.y_train), float(np.asarray(ds.x_train).sum()))")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for _ in range(3)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-2000:]
+  assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1  # tfds also prints

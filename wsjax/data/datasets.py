@@ -37,7 +37,9 @@ Normalization (x is float32 in every case):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import os
 
@@ -136,12 +138,29 @@ def _load_cached(name: str, data_dir: str) -> Dataset:
 
 def _read_local(name: str, data_dir: str):
   """Prepares local dataset `name` if needed; returns its two data sources."""
-  builder = tfds.builder(
-      _LOCAL[name], data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_config=builders.LOCAL_DOWNLOAD_CONFIG)
-  return builder.as_data_source(split=["train", "test"])
+  def builder():
+    return tfds.builder(_LOCAL[name], data_dir=data_dir, file_format="array_record")
+  b = builder()
+  if not b.is_prepared():
+    with _exclusive(os.path.join(data_dir, f".{name}.build.lock")):
+      b = builder()  # another process may have built it while we waited
+      if not b.is_prepared():
+        b.download_and_prepare(download_config=builders.LOCAL_DOWNLOAD_CONFIG)
+  return b.as_data_source(split=["train", "test"])
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: str):
+  """An exclusive lock on a file: processes sharing a data dir (the processes
+  of one multi-process run, two runs started together) build a dataset one
+  at a time; without it they race on tfds's final rename and one fails."""
+  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+  with open(lock_path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _not_prepared(name: str, data_dir: str, builder) -> DatasetNotPreparedError:
