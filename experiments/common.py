@@ -31,6 +31,8 @@ def define_study_flags(**defaults) -> None:
   flags.DEFINE_integer("channels", None, "conv1d channels")
   flags.DEFINE_integer("width", None, "ResNet base width (resnet18: 64, Ash & Adams' narrow: 16)")
   flags.DEFINE_string("init", None, "initializer: torch, kaiming_normal or flax (default: the model's)")
+  flags.DEFINE_string("compute_dtype", None, "resnets, vggs: bfloat16 for mixed precision "
+                      "(float32 parameters); default float32")
   flags.DEFINE_string("optimizer", d("optimizer", "adam"), "sgd, adam or adamw")
   flags.DEFINE_float("lr", d("lr", 1e-3), "learning rate")
   flags.DEFINE_float("momentum", d("momentum", 0.9), "SGD momentum")
@@ -131,6 +133,8 @@ def study_config(experiment: str):
     model_kwargs["width"] = FLAGS.width
   if FLAGS.init:
     model_kwargs["init"] = FLAGS.init
+  if FLAGS.compute_dtype:
+    model_kwargs["dtype"] = FLAGS.compute_dtype
   schedule_kwargs = {"two_phase": {"fraction": FLAGS.fraction},
                      "online": {"chunk_size": FLAGS.chunk_size},
                      "chunks": {"n_chunks": FLAGS.chunks}}.get(FLAGS.schedule)

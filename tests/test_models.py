@@ -373,6 +373,40 @@ def test_batchnorm_train_vs_eval(resnet20):
   assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.parametrize("name", ["resnet20", "vgg11_bn"])
+def test_bfloat16_compute_keeps_float32_parameters(name):
+  """Mixed precision: a bfloat16 model has the float32 model's parameters
+  (same names, shapes, dtype and draws), computes in bfloat16, returns
+  float32 logits close to the float32 model's, keeps float32 BatchNorm
+  statistics, and trains (finite float32 gradients)."""
+  f32 = models.get_model(name, 10)
+  bf16 = models.get_model(name, 10, dtype="bfloat16")
+  v32 = models.init_variables(f32, jax.random.key(0), IMAGE)
+  v16 = models.init_variables(bf16, jax.random.key(0), IMAGE)
+  jax.tree.map(np.testing.assert_array_equal, v32, v16)
+  assert {x.dtype for x in jax.tree.leaves(v16)} == {jnp.dtype(jnp.float32)}
+  x = jax.random.normal(jax.random.key(1), (8, *IMAGE))
+  out32, new32 = f32.apply(v32, x, train=True, mutable=["batch_stats", "activations"])
+  out16, new16 = bf16.apply(v16, x, train=True, mutable=["batch_stats", "activations"])
+  assert out16.dtype == jnp.float32
+  acts = jax.tree.leaves(new16["activations"])
+  assert acts and all(a.dtype == jnp.bfloat16 for a in acts)
+  assert {s.dtype for s in jax.tree.leaves(new16["batch_stats"])} == {jnp.dtype(jnp.float32)}
+  scale = float(jnp.abs(out32).max())
+  np.testing.assert_allclose(out16, out32, atol=0.1 * scale)
+  assert not np.array_equal(out16, out32)
+
+  def loss(params):
+    logits, _ = bf16.apply({**v16, "params": params}, x, train=True, mutable=["batch_stats"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+  grads = jax.grad(loss)(v16["params"])
+  assert all(g.dtype == jnp.float32 and np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  with pytest.raises(ValueError, match="unknown compute dtype"):
+    models.get_model(name, 10, dtype="int8")
+  with pytest.raises(ValueError, match="no option dtype"):
+    models.get_model("mlp", 10, dtype="bfloat16")
+
+
 def test_sown_activations(resnet20):
   model, variables = resnet20
   x = jax.random.normal(jax.random.key(7), (2, *IMAGE))

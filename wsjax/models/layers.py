@@ -41,10 +41,13 @@ def _tuple(value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
 
 
 def dense(features: int, in_features: int, init: str, *, use_bias: bool = True,
-          name: str | None = None) -> nn.Dense:
-  """A Dense layer (kernel ``(in_features, features)``) with init scheme `init`."""
+          name: str | None = None, dtype=None) -> nn.Dense:
+  """A Dense layer (kernel ``(in_features, features)``) with init scheme `init`.
+
+  `dtype`: the compute dtype (e.g. bfloat16 for mixed precision); the
+  parameters stay float32."""
   return nn.Dense(
-      features, use_bias=use_bias, name=name,
+      features, use_bias=use_bias, name=name, dtype=dtype,
       kernel_init=initializers.kernel_init(init),
       bias_init=initializers.bias_init(init, in_features))
 
@@ -52,11 +55,12 @@ def dense(features: int, in_features: int, init: str, *, use_bias: bool = True,
 def conv(features: int, kernel_size: int | Sequence[int], in_features: int,
          init: str, *, ndim: int = 2, strides: int | Sequence[int] = 1,
          padding: int | Sequence[int] = 0, use_bias: bool = True,
-         name: str | None = None) -> nn.Conv:
+         name: str | None = None, dtype=None) -> nn.Conv:
   """An `ndim`-D convolution with PyTorch's symmetric zero padding.
 
   Kernel ``(*kernel_size, in_features, features)``; fan_in for the init is
-  ``in_features * prod(kernel_size)``.
+  ``in_features * prod(kernel_size)``. `dtype`: the compute dtype (float32
+  parameters either way).
   """
   kernel_size = _tuple(kernel_size, ndim)
   padding = tuple((p, p) for p in _tuple(padding, ndim))
@@ -65,15 +69,19 @@ def conv(features: int, kernel_size: int | Sequence[int], in_features: int,
     fan_in *= k
   return nn.Conv(
       features, kernel_size, strides=_tuple(strides, ndim), padding=padding,
-      use_bias=use_bias, name=name,
+      use_bias=use_bias, name=name, dtype=dtype,
       kernel_init=initializers.kernel_init(init),
       bias_init=initializers.bias_init(init, fan_in))
 
 
-def batch_norm(train: bool, init: str, *, name: str | None = None) -> nn.BatchNorm:
-  """BatchNorm over the last (feature) axis, PyTorch's momentum 0.1 and eps 1e-5."""
+def batch_norm(train: bool, init: str, *, name: str | None = None,
+               dtype=None) -> nn.BatchNorm:
+  """BatchNorm over the last (feature) axis, PyTorch's momentum 0.1 and eps 1e-5.
+
+  With a low-precision `dtype` the output is in that dtype; the statistics
+  are reduced in float32 and kept in float32."""
   return nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name,
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name, dtype=dtype,
       scale_init=initializers.bn_scale_init(init),
       bias_init=initializers.bn_bias_init(init))
 

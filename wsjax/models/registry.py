@@ -66,7 +66,8 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Builds the registered model `name` with `num_classes` outputs.
 
   Options (`kwargs`) are the module's fields, e.g. ``widths`` (mlp),
-  ``channels`` (conv1d), ``width`` (resnets), and ``init`` for every model.
+  ``channels`` (conv1d), ``width`` (resnets), ``dtype`` (the compute dtype
+  of resnets and vggs: "float32" or "bfloat16"), and ``init`` for every model.
   Raises UnknownModelError (a ValueError) for an unknown name and ValueError
   for an unknown option or init scheme.
   """
@@ -80,7 +81,20 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
                      f"its options: {', '.join(allowed)}")
   if "init" in kwargs:
     kwargs["init_scheme"] = initializers.check_scheme(kwargs.pop("init"))
+  if "dtype" in kwargs:
+    kwargs["dtype"] = compute_dtype(kwargs["dtype"])
   return cls(num_classes=num_classes, **fixed, **kwargs)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(name) -> Any:
+  """The jnp dtype of a compute-dtype option ("float32", "bfloat16", "float16")."""
+  key = name if isinstance(name, str) else jnp.dtype(name).name
+  if key not in COMPUTE_DTYPES:
+    raise ValueError(f"unknown compute dtype {name!r}; choose from {', '.join(COMPUTE_DTYPES)}")
+  return jnp.dtype(key).type
 
 
 def init_variables(model: nn.Module, key: jax.Array,

@@ -21,7 +21,7 @@ activations: ``relu`` (stem) and ``relu1``/``relu2`` in each block.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 from flax import linen as nn
@@ -35,22 +35,23 @@ class BasicBlock(nn.Module):
   features: int
   strides: int = 1
   init_scheme: str = "torch"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    init, in_features = self.init_scheme, x.shape[-1]
+    init, in_features, dt = self.init_scheme, x.shape[-1], self.dtype
     y = layers.conv(self.features, 3, in_features, init, strides=self.strides,
-                    padding=1, use_bias=False, name="conv1")(x)
-    y = layers.batch_norm(train, init, name="bn1")(y)
+                    padding=1, use_bias=False, name="conv1", dtype=dt)(x)
+    y = layers.batch_norm(train, init, name="bn1", dtype=dt)(y)
     y = nn.relu(y)
     self.sow("activations", "relu1", y)
     y = layers.conv(self.features, 3, self.features, init, padding=1,
-                    use_bias=False, name="conv2")(y)
-    y = layers.batch_norm(train, init, name="bn2")(y)
+                    use_bias=False, name="conv2", dtype=dt)(y)
+    y = layers.batch_norm(train, init, name="bn2", dtype=dt)(y)
     if self.strides != 1 or in_features != self.features:
       x = layers.conv(self.features, 1, in_features, init, strides=self.strides,
-                      use_bias=False, name="shortcut_conv")(x)
-      x = layers.batch_norm(train, init, name="shortcut_bn")(x)
+                      use_bias=False, name="shortcut_conv", dtype=dt)(x)
+      x = layers.batch_norm(train, init, name="shortcut_bn", dtype=dt)(x)
     y = nn.relu(y + x)
     self.sow("activations", "relu2", y)
     return y
@@ -62,28 +63,33 @@ class CifarResNet(nn.Module):
   Stage i has ``stage_sizes[i]`` blocks of ``width * 2**i`` channels; the
   first block of every stage but the first has stride 2. The stem has
   `width` channels. Inputs NHWC.
+
+  `dtype` is the compute dtype: ``bfloat16`` runs convolutions, matmuls and
+  activations in bfloat16 (mixed precision: float32 parameters, optimizer
+  and BatchNorm statistics, float32 logits for the loss).
   """
   num_classes: int
   stage_sizes: Sequence[int]
   width: int = 16
   init_scheme: str = "torch"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    init = self.init_scheme
-    x = jnp.asarray(x, jnp.float32)
+    init, dt = self.init_scheme, self.dtype
+    x = jnp.asarray(x, dt)
     x = layers.conv(self.width, 3, x.shape[-1], init, padding=1, use_bias=False,
-                    name="conv1")(x)
-    x = layers.batch_norm(train, init, name="bn1")(x)
+                    name="conv1", dtype=dt)(x)
+    x = layers.batch_norm(train, init, name="bn1", dtype=dt)(x)
     x = nn.relu(x)
     self.sow("activations", "relu", x)
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(self.width * 2**stage, strides, init,
+        x = BasicBlock(self.width * 2**stage, strides, init, dt,
                        name=f"layer{stage + 1}_{block}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    x = layers.dense(self.num_classes, x.shape[-1], init, name=HEAD)(x)
+    x = layers.dense(self.num_classes, x.shape[-1], init, name=HEAD, dtype=dt)(x)
     return x.astype(jnp.float32)
 
 

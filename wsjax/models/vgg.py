@@ -15,6 +15,8 @@ open_lth ends with a 2x2 average pool in place of kuangliu's last max-pool
 """
 from __future__ import annotations
 
+from typing import Any
+
 from flax import linen as nn
 import jax.numpy as jnp
 
@@ -35,25 +37,26 @@ class VGG(nn.Module):
   depth: int = 16
   batch_norm: bool = False
   init_scheme: str = "torch"
+  dtype: Any = jnp.float32  # compute dtype (see CifarResNet); parameters float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     if self.depth not in VGG_CONFIGS:
       raise ValueError(f"unknown VGG depth {self.depth}; choose one of "
                        f"{', '.join(map(str, VGG_CONFIGS))}")
-    init = self.init_scheme
-    x = jnp.asarray(x, jnp.float32)
+    init, dt = self.init_scheme, self.dtype
+    x = jnp.asarray(x, dt)
     i = 0
     for spec in VGG_CONFIGS[self.depth]:
       if spec == "M":
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
       i += 1
-      x = layers.conv(spec, 3, x.shape[-1], init, padding=1, name=f"conv{i}")(x)
+      x = layers.conv(spec, 3, x.shape[-1], init, padding=1, name=f"conv{i}", dtype=dt)(x)
       if self.batch_norm:
-        x = layers.batch_norm(train, init, name=f"bn{i}")(x)
+        x = layers.batch_norm(train, init, name=f"bn{i}", dtype=dt)(x)
       x = nn.relu(x)
       self.sow("activations", f"relu{i}", x)
     x = layers.flatten(x)
-    x = layers.dense(self.num_classes, x.shape[-1], init, name=HEAD)(x)
+    x = layers.dense(self.num_classes, x.shape[-1], init, name=HEAD, dtype=dt)(x)
     return x.astype(jnp.float32)
