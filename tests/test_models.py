@@ -193,8 +193,8 @@ def test_bad_options():
     models.get_model("mlp", 10, init="xavier")
   with pytest.raises(ValueError, match="num_classes"):
     models.get_model("mlp", 0)
-  assert models.model_options("resnet18") == ("stage_sizes", "width", "init")
-  assert models.model_options("vgg16_bn") == ("init",)
+  assert models.model_options("resnet18") == ("stage_sizes", "width", "dtype", "init")
+  assert models.model_options("vgg16_bn") == ("dtype", "init")
 
 
 # ---------------------------------------------------------------------------
