@@ -1,8 +1,9 @@
 """PyTorch reference implementations, written the way the official code is.
 
-The networks are the reference definitions of `tests/test_models.py` (the
-layer structure of kuangliu/pytorch-cifar, JordanAsh/warm_start and the
-MNIST-1D ConvNet), with PyTorch's default initialization. The loops follow
+The networks (the layer structure of kuangliu/pytorch-cifar,
+JordanAsh/warm_start and the MNIST-1D ConvNet, modules named like wsjax's
+parameters, PyTorch's default initialization) are also what
+`tests/test_models.py` checks wsjax's models against. The loops follow
 the official DASH code (baekrok/DASH-Direction-Aware-SHrinking, `main.py`
 and `utils/train_utils.py`): eager `model.train()` steps over a
 `DataLoader(ConcatDataset(buffer), batch_size=128, shuffle=True)`, one seed
@@ -50,7 +51,7 @@ def set_threads(n: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# Networks (as in tests/test_models.py; PyTorch default init).
+# Networks (PyTorch default init; tests/test_models.py compares wsjax's to them).
 
 if torch is not None:
 
@@ -124,6 +125,36 @@ if torch is not None:
         out = getattr(self, name)(out)
       out = F.avg_pool2d(out, out.size(3))
       return self.head(out.view(out.size(0), -1))
+
+
+  class VGG(nn.Module):
+    """kuangliu's CIFAR VGG: `cfg` convs (3x3, padding 1, "M" = 2x2 max-pool),
+    BatchNorm after each conv if `bn`, Linear(512, classes)."""
+
+    def __init__(self, cfg, bn, classes=10):
+      super().__init__()
+      self.cfg, self.bn, cin, i = cfg, bn, 3, 0
+      for c in cfg:
+        if c != "M":
+          i += 1
+          setattr(self, f"conv{i}", nn.Conv2d(cin, c, 3, padding=1))
+          if bn:
+            setattr(self, f"bn{i}", nn.BatchNorm2d(c))
+          cin = c
+      self.head = nn.Linear(512, classes)
+
+    def forward(self, x):
+      i = 0
+      for c in self.cfg:
+        if c == "M":
+          x = F.max_pool2d(x, 2, 2)
+          continue
+        i += 1
+        x = getattr(self, f"conv{i}")(x)
+        if self.bn:
+          x = getattr(self, f"bn{i}")(x)
+        x = F.relu(x)
+      return self.head(x.view(x.size(0), -1))
 
 
 def make_model(name: str, classes: int = 10):

@@ -453,97 +453,12 @@ def torch():
 def torch_refs(torch):
   """PyTorch networks with the layer structure of the reference code
   (kuangliu/pytorch-cifar, JordanAsh/warm_start, open_lth), with modules named
-  like wsjax's parameters."""
-  tnn, F = torch.nn, torch.nn.functional
+  like wsjax's parameters: `benchmarks.torch_reference`'s definitions."""
+  from benchmarks import torch_reference as ref
+  ResNet, VGG, Conv1D = ref.ResNet, ref.VGG, ref.Conv1D
 
-  class Block(tnn.Module):
-    def __init__(self, cin, c, stride):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(cin, c, 3, stride, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(c)
-      self.conv2 = tnn.Conv2d(c, c, 3, 1, 1, bias=False)
-      self.bn2 = tnn.BatchNorm2d(c)
-      self.project = stride != 1 or cin != c
-      if self.project:
-        self.shortcut_conv = tnn.Conv2d(cin, c, 1, stride, bias=False)
-        self.shortcut_bn = tnn.BatchNorm2d(c)
-
-    def forward(self, x):
-      out = F.relu(self.bn1(self.conv1(x)))
-      out = self.bn2(self.conv2(out))
-      short = self.shortcut_bn(self.shortcut_conv(x)) if self.project else x
-      return F.relu(out + short)
-
-  class ResNet(tnn.Module):
-    def __init__(self, stages, width, classes):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(3, width, 3, 1, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(width)
-      self.blocks, cin = [], width
-      for s, n in enumerate(stages):
-        for b in range(n):
-          name = f"layer{s + 1}_{b}"
-          setattr(self, name, Block(cin, width * 2**s, 2 if s and not b else 1))
-          self.blocks.append(name)
-          cin = width * 2**s
-      self.head = tnn.Linear(cin, classes)
-
-    def forward(self, x):
-      out = F.relu(self.bn1(self.conv1(x)))
-      for name in self.blocks:
-        out = getattr(self, name)(out)
-      out = F.avg_pool2d(out, out.size(3))
-      return self.head(out.view(out.size(0), -1))
-
-  class VGG(tnn.Module):
-    def __init__(self, cfg, bn, classes):
-      super().__init__()
-      self.cfg, self.bn, cin, i = cfg, bn, 3, 0
-      for c in cfg:
-        if c != "M":
-          i += 1
-          setattr(self, f"conv{i}", tnn.Conv2d(cin, c, 3, padding=1))
-          if bn:
-            setattr(self, f"bn{i}", tnn.BatchNorm2d(c))
-          cin = c
-      self.head = tnn.Linear(512, classes)
-
-    def forward(self, x):
-      i = 0
-      for c in self.cfg:
-        if c == "M":
-          x = F.max_pool2d(x, 2, 2)
-          continue
-        i += 1
-        x = getattr(self, f"conv{i}")(x)
-        if self.bn:
-          x = getattr(self, f"bn{i}")(x)
-        x = F.relu(x)
-      return self.head(x.view(x.size(0), -1))
-
-  class Conv1D(tnn.Module):
-    def __init__(self, channels, classes):
-      super().__init__()
-      self.conv1 = tnn.Conv1d(1, channels, 5, 2, 2)
-      self.conv2 = tnn.Conv1d(channels, channels, 3, 2, 1)
-      self.conv3 = tnn.Conv1d(channels, channels, 3, 2, 1)
-      self.head = tnn.Linear(5 * channels, classes)
-
-    def forward(self, x):
-      for conv in (self.conv1, self.conv2, self.conv3):
-        x = F.relu(conv(x))
-      return self.head(x.view(x.size(0), -1))
-
-  class MLP(tnn.Module):
-    def __init__(self, classes):
-      super().__init__()
-      self.dense1 = tnn.Linear(3072, 100)
-      self.dense2 = tnn.Linear(100, 100)
-      self.head = tnn.Linear(100, classes)
-
-    def forward(self, x):
-      x = x.reshape(x.size(0), -1)
-      return self.head(F.relu(self.dense2(F.relu(self.dense1(x)))))
+  def MLP(classes):
+    return ref.MLP(3072, classes)
 
   vgg16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
            512, 512, 512, "M"]
