@@ -202,6 +202,30 @@ class Worker:
     self.close()
 
 
+@contextlib.contextmanager
+def closing_all(workers: dict):
+  """`with closing_all(sides):` closes every worker on the way out."""
+  try:
+    yield workers
+  finally:
+    for w in workers.values():
+      w.close()
+
+
+def timed_warmup(step, n: int) -> dict:
+  """Runs `step()` n times; the first call's time minus the last's is the
+  compilation (reported separately, never hidden in a measurement)."""
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t0)
+  if not times:
+    return {"first_call_s": None, "warm_call_s": None, "compile_s": None}
+  return {"first_call_s": times[0], "warm_call_s": times[-1],
+          "compile_s": max(times[0] - times[-1], 0.0)}
+
+
 def torch_available() -> bool:
   try:
     import torch  # noqa: F401

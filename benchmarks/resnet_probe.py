@@ -105,14 +105,7 @@ class LaxResNet:
     self.y = jax.random.randint(jax.random.PRNGKey(1), (batch,), 0, 10)
     self.step = jax.jit(step, donate_argnums=(0,))
     self.batch = batch
-    times = []
-    for _ in range(warmup):
-      t0 = time.perf_counter()
-      self._step()
-      times.append(time.perf_counter() - t0)
-    first, warm = (times[0], times[-1]) if times else (None, None)
-    self.info = {"first_call_s": first, "warm_call_s": warm,
-                 "compile_s": max(first - warm, 0.0) if times else None, "layout": layout}
+    self.info = {**common.timed_warmup(self._step, warmup), "layout": layout}
 
   def _step(self):
     self.carry, loss = self.step(self.carry, self.x, self.y)

@@ -31,7 +31,7 @@ def run(quick: bool = False) -> dict:
                                              seeds=SEEDS, host_devices=cores),
              f"{SEEDS}_seeds_1_device": common.Worker("benchmarks.throughput:JaxSmall",
                                                       model=name, seeds=SEEDS)}
-    try:
+    with common.closing_all(sides):
       runs = common.alternate(sides, "run", rounds, n_steps)
       out = {}
       for side, w in sides.items():
@@ -44,9 +44,6 @@ def run(quick: bool = False) -> dict:
       result["models"][name] = {
           "sides": out, "wall_ratio": many / one, "per_seed_speedup": SEEDS * one / many,
           "wall_ratio_1_device": out[f"{SEEDS}_seeds_1_device"]["seconds"] / one}
-    finally:
-      for w in sides.values():
-        w.close()
   return result
 
 

@@ -146,14 +146,7 @@ class JaxResNet:
     self.flops = flops_per_step(make_train_step(model, tx), self.state, self.x, self.y)
     self.step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
     self.batch = batch
-    times = []
-    for _ in range(warmup):
-      t0 = time.perf_counter()
-      self._step()
-      times.append(time.perf_counter() - t0)
-    first, warm = (times[0], times[-1]) if times else (None, None)
-    self.info = {"first_call_s": first, "warm_call_s": warm,
-                 "compile_s": max(first - warm, 0.0) if times else None, "batch": batch,
+    self.info = {**common.timed_warmup(self._step, warmup), "batch": batch,
                  "flops_per_step": self.flops, "devices": jax.device_count(),
                  "matmul_precision": matmul_precision or "default"}
 
@@ -315,11 +308,8 @@ def run(quick: bool = False) -> dict:
                                                 loader="dataloader", threads=threads)
       sides["torch_index_1thread"] = common.Worker("benchmarks.throughput:TorchSmall",
                                                    model=name, loader="index", threads=1)
-    try:
+    with common.closing_all(sides):
       result["models"][name] = _compare(name, sides, small_rounds, small_steps)
-    finally:
-      for w in sides.values():
-        w.close()
   common.log("throughput: resnet18 ...")
   sides = {"wsjax": common.Worker("benchmarks.throughput:JaxResNet", warmup=2)}
   if threads > 1:  # the batch split over one CPU device per core
@@ -327,11 +317,8 @@ def run(quick: bool = False) -> dict:
                                                       warmup=2, host_devices=threads)
   if have_torch:
     sides["torch_eager"] = common.Worker("benchmarks.throughput:TorchResNet", threads=threads)
-  try:
+  with common.closing_all(sides):
     result["models"]["resnet18"] = _compare("resnet18", sides, 1 if quick else 3, 1 if quick else 2)
-  finally:
-    for w in sides.values():
-      w.close()
   return result
 
 
