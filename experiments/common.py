@@ -104,8 +104,8 @@ def setup_jax() -> None:
   import jax
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if FLAGS.host_devices < 0 or FLAGS.seed_devices < 0:
-    raise ValueError("--host_devices and --seed_devices must be >= 0")
+  if FLAGS.seed_devices < 0:
+    raise ValueError(f"--seed_devices must be >= 0, got {FLAGS.seed_devices}")
   from wsjax import parallel
   parallel.use_cpu_devices(FLAGS.host_devices, at_most=FLAGS.seeds)
   if FLAGS.coordinator_address:

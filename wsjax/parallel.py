@@ -47,10 +47,10 @@ def use_cpu_devices(n: int = 0, at_most: Optional[int] = None) -> Optional[int]:
   device count already set in XLA_FLAGS wins. Only the CPU backend reads it.
   Returns the count set, or None.
   """
-  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    return None
   if n < 0:
     raise ValueError(f"host devices must be >= 0, got {n}")
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return None
   n = n or max(1, min(cpu_cores(), at_most or cpu_cores()))
   jax.config.update("jax_num_cpu_devices", n)
   return n

@@ -130,14 +130,12 @@ class Study:
     choice, not part of the config: results agree to float rounding."""
     config.validate()
     self.cfg = config
-    n_dev = jax.device_count()
     self.seed_devices = seed_devices or parallel.default_seed_devices(config.seeds)
-    if n_dev % self.seed_devices:
-      raise ValueError(f"seed_devices={self.seed_devices} does not divide the {n_dev} devices")
-    if config.batch_size % (n_dev // self.seed_devices):
+    n_data = parallel.seed_data_mesh(self.seed_devices).shape[parallel.DATA_AXIS]  # checks it
+    if config.batch_size % n_data:
       raise ValueError(f"batch size {config.batch_size} is not divisible by the "
-                       f"{n_dev // self.seed_devices} devices that share a seed "
-                       f"({n_dev} devices, seed_devices={self.seed_devices})")
+                       f"{n_data} devices that share a seed "
+                       f"({jax.device_count()} devices, seed_devices={self.seed_devices})")
     self.workdir = os.path.abspath(workdir)
     self.progress = progress and jax.process_index() == 0
     self.log = log if jax.process_index() == 0 else (lambda s: None)
