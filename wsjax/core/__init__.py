@@ -1,0 +1,1 @@
+"""The training core: a study-agnostic loop over compiled, replica-vmapped blocks."""

@@ -1,0 +1,1 @@
+"""Study protocols composed from the training core (one module per study)."""
