@@ -8,9 +8,10 @@ is seen at least once per epoch (the first n_steps * batch_size - n of the
 permutation twice) and every batch has the same shape, which keeps a jitted
 train step or a `lax.scan` over the epoch to a single compilation.
 
-The permutation is a pure function of (seed, stage, epoch): it comes from
-`np.random.default_rng([seed, stage, epoch])`, so a run resumed at any stage
-and epoch sees the same batches as an uninterrupted one.
+The permutation is a pure function of a key of integers: (seed, stage, epoch)
+in a staged study (`np.random.default_rng([seed, stage, epoch])`), (seed,
+epoch) in a plain run (`epoch_order`), so a run resumed at any stage and
+epoch sees the same batches as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 def epoch_batches(buffer: np.ndarray, batch_size: int, seed: int, stage: int,
                   epoch: int) -> np.ndarray:
-  """The (steps, batch_size) int64 dataset indices of one epoch over `buffer`.
+  """The (steps, batch_size) int64 dataset indices of one epoch over `buffer`
+  in a staged study: `epoch_order(buffer, batch_size, (seed, stage, epoch))`.
 
   Args:
     buffer: 1-D array of the dataset indices available (e.g. a schedule stage).
@@ -50,6 +52,13 @@ def epoch_batches(buffer: np.ndarray, batch_size: int, seed: int, stage: int,
   Raises:
     ValueError: buffer not 1-D or empty, batch_size not in [1, len(buffer)].
   """
+  return epoch_order(buffer, batch_size, (seed, stage, epoch))
+
+
+def epoch_order(buffer: np.ndarray, batch_size: int, key: tuple[int, ...]) -> np.ndarray:
+  """The (steps, batch_size) int64 indices of one epoch, shuffled by
+  `np.random.default_rng(list(key))` (non-negative integers, e.g.
+  `(data_seed, epoch)`); see `epoch_batches` for the layout."""
   buffer = np.asarray(buffer)
   if buffer.ndim != 1 or buffer.size == 0:
     raise ValueError(
@@ -60,7 +69,7 @@ def epoch_batches(buffer: np.ndarray, batch_size: int, seed: int, stage: int,
   if batch_size > n:
     raise ValueError(
         f"batch_size {batch_size} is larger than the buffer of {n} examples")
-  rng = np.random.default_rng([seed, stage, epoch])
+  rng = np.random.default_rng(list(key))
   order = buffer[rng.permutation(n)].astype(np.int64, copy=False)
   order = np.concatenate([order, order[:steps * batch_size - n]])
   return order.reshape(steps, batch_size)

@@ -15,13 +15,23 @@ Names (`KNOWN_DATASETS`):
   cifar100       50,000 / 10,000, x (32, 32, 3), fine labels    [tfds catalog]
   svhn_cropped   73,257 / 26,032, x (32, 32, 3)                 [tfds catalog]
   mnist          60,000 / 10,000, x (28, 28, 1)                 [tfds catalog]
-  fashion_mnist  60,000 / 10,000, x (28, 28, 1)                 [tfds catalog]
+  fashion_mnist  60,000 / 10,000, x (28, 28, 1)      [tfds catalog or IDX files]
 
 Local datasets are built by the builders in `wsjax.data.builders` the first
 time they are loaded from a data dir (in seconds, with no network) and read
 from there afterwards. Catalog datasets must already be prepared in
 array_record format in the data dir; otherwise `DatasetNotPreparedError` says
-how to prepare them.
+how to prepare them. `fashion_mnist` is the exception: when it is not
+prepared in the data dir, it is built there (tfds' own `fashion_mnist`: same
+name, version, splits and features, see `builders.FashionMnistFromIdx`) from
+the dataset's four original IDX files, found in the first of
+
+  1. the `source_dir` argument of `load_dataset`,
+  2. the directory named by $WSJAX_FASHION_MNIST_DIR,
+  3. /usr/share/datasets/fashion-mnist/ (Debian's `dataset-fashion-mnist`),
+
+that is given (1, 2) or exists (3). A given directory without the four files
+is an error; so is no directory at all.
 
 The data dir is the `data_dir` argument, else the environment variable
 `TFDS_DATA_DIR`, else `~/tensorflow_datasets`.
@@ -45,6 +55,7 @@ import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from wsjax.data import builders
 
@@ -69,6 +80,13 @@ _LOCAL = {
 }
 
 KNOWN_DATASETS: tuple[str, ...] = tuple(_LOCAL) + tuple(IMAGE_STATS)
+
+# Where `load_dataset` looks for the original Fashion-MNIST files when
+# `source_dir` is not given: the directory this variable names, else
+# FASHION_MNIST_SYSTEM_DIR (where Debian's `dataset-fashion-mnist` puts them).
+FASHION_MNIST_DIR_ENV = "WSJAX_FASHION_MNIST_DIR"
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_HOMEPAGE = "https://github.com/zalandoresearch/fashion-mnist"
 
 
 class UnknownDatasetError(ValueError):
@@ -109,22 +127,37 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> str:
   return os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *,
+                 source_dir: str | os.PathLike | None = None) -> Dataset:
   """Loads dataset `name` (one of `KNOWN_DATASETS`) from `data_dir` into memory.
 
   Local datasets (mnist1d, mnist1d_large, digits) are prepared in the data dir
-  on first use. Results are cached per process on (name, resolved data dir),
-  so repeated calls return the same `Dataset` object.
+  on first use; so is `fashion_mnist`, from its original IDX files in
+  `source_dir` (else $WSJAX_FASHION_MNIST_DIR, else
+  /usr/share/datasets/fashion-mnist/), when it is not prepared there already
+  (see the module docstring). `source_dir` is used for nothing else: it is
+  ignored for the other datasets and once `fashion_mnist` is prepared.
+  Results are cached per process on (name, resolved data dir), so repeated
+  calls return the same `Dataset` object.
 
   Raises:
     UnknownDatasetError: `name` is not in `KNOWN_DATASETS`.
-    DatasetNotPreparedError: a catalog dataset is missing from the data dir.
+    DatasetNotPreparedError: a catalog dataset is missing from the data dir
+      (for `fashion_mnist`: and its original files were not found).
+    ValueError: the original Fashion-MNIST files are malformed.
   """
   if name not in KNOWN_DATASETS:
     raise UnknownDatasetError(
         f"unknown dataset {name!r}; known datasets: "
         f"{', '.join(KNOWN_DATASETS)}")
-  return _load_cached(name, resolve_data_dir(data_dir))
+  data_dir = resolve_data_dir(data_dir)
+  try:
+    return _load_cached(name, data_dir)
+  except DatasetNotPreparedError:
+    if name != "fashion_mnist":
+      raise
+  _prepare_fashion_mnist(data_dir, source_dir)
+  return _load_cached(name, data_dir)
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,6 +214,66 @@ def _read_catalog(name: str, data_dir: str):
     return builder.as_data_source(split=["train", "test"])
   except NotImplementedError as e:  # Prepared, but not as array_record.
     raise _not_prepared(name, data_dir, builder) from e
+
+
+def fashion_mnist_source_dir(source_dir: str | os.PathLike | None = None,
+                             data_dir: str | None = None) -> str:
+  """The directory to build `fashion_mnist` from (absolute): `source_dir`,
+  else $WSJAX_FASHION_MNIST_DIR, else /usr/share/datasets/fashion-mnist/.
+
+  Raises DatasetNotPreparedError (one line, saying how to get the files) if
+  the directory chosen lacks any of the four IDX files; `data_dir` (the data
+  dir where the dataset is not prepared) only completes that message.
+  """
+  if source_dir is not None:
+    directory, origin = os.fspath(source_dir), "source directory"
+  elif os.environ.get(FASHION_MNIST_DIR_ENV):
+    directory = os.environ[FASHION_MNIST_DIR_ENV]
+    origin = f"${FASHION_MNIST_DIR_ENV} directory"
+  else:
+    directory, origin = FASHION_MNIST_SYSTEM_DIR, None
+  directory = os.path.abspath(os.path.expanduser(directory))
+  missing = builders.missing_fashion_mnist_files(directory)
+  if not missing:
+    return directory
+  if origin is None and not os.path.isdir(directory):
+    where = (f"its original IDX files are not in {directory} (and neither "
+             f"--fashion_mnist_dir nor ${FASHION_MNIST_DIR_ENV} names another "
+             f"directory)")
+  else:
+    where = (f"the {origin or 'directory'} {directory} lacks "
+             f"{', '.join(missing)}")
+  data_dir = resolve_data_dir(data_dir)
+  raise DatasetNotPreparedError(
+      f"dataset 'fashion_mnist' is not prepared in data dir {data_dir} and "
+      f"{where}; install them with `apt-get install dataset-fashion-mnist` "
+      f"(Debian, Ubuntu), or download the four IDX files "
+      f"(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+      f"t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) from "
+      f"{FASHION_MNIST_HOMEPAGE} into a directory and name it with "
+      f"--fashion_mnist_dir or ${FASHION_MNIST_DIR_ENV}, or run `tfds build "
+      f"fashion_mnist --data_dir={data_dir} --file_format=array_record` on a "
+      f"machine with network access and tensorflow")
+
+
+def _prepare_fashion_mnist(
+    data_dir: str, source_dir: str | os.PathLike | None) -> None:
+  """Builds `fashion_mnist` in `data_dir` from its IDX files unless prepared.
+
+  Under the same lock as the local datasets, so processes sharing a data dir
+  build it once.
+  """
+  if tfds.builder("fashion_mnist", data_dir=data_dir).is_prepared():
+    return  # Prepared, but not as array_record: `_read_catalog` says so.
+  directory = fashion_mnist_source_dir(source_dir, data_dir)
+  with _exclusive(os.path.join(data_dir, ".fashion_mnist.build.lock")):
+    if tfds.builder("fashion_mnist", data_dir=data_dir).is_prepared():
+      return  # Another process built it while we waited.
+    logging.info("Building fashion_mnist in %s from the IDX files in %s",
+                 data_dir, directory)
+    builder = builders.FashionMnistFromIdx(
+        source_dir=directory, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(download_config=builders.LOCAL_DOWNLOAD_CONFIG)
 
 
 def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
