@@ -14,6 +14,10 @@ from wsjax.transforms.dash import dash
 from wsjax.transforms.dash import dash_cosines
 from wsjax.transforms.dash import dash_gradient
 from wsjax.transforms.groups import classify
+from wsjax.transforms.rewind import gaussian_noise
+from wsjax.transforms.rewind import random_reinit
+from wsjax.transforms.rewind import shuffle_weights
+from wsjax.transforms.rewind import sign_preserving_reinit
 from wsjax.transforms.shrink_perturb import gaussian_shrink_perturb
 from wsjax.transforms.shrink_perturb import shrink_perturb
 
@@ -24,8 +28,12 @@ __all__ = [
     "dash",
     "dash_cosines",
     "dash_gradient",
+    "gaussian_noise",
     "gaussian_shrink_perturb",
     "l2_init_penalty",
+    "random_reinit",
     "reset_layers",
     "shrink_perturb",
+    "shuffle_weights",
+    "sign_preserving_reinit",
 ]
