@@ -171,7 +171,7 @@ class Worker:
       status, payload = self.conn.recv()
     except EOFError:
       self.proc.join(5)
-      raise RuntimeError(f"worker {self.target} died (exit code {self.proc.exitcode})")
+      raise RuntimeError(f"worker {self.target} died (exit code {self.proc.exitcode})") from None
     if status == "error":
       self.close()
       raise WorkerError(payload)

@@ -37,7 +37,6 @@ def _time(fn, repeats):
 
 
 def run(quick: bool = False, repeats: int = 5) -> dict:
-  from wsjax import parallel
   from wsjax.data import epoch_batches
   from wsjax.train import methods
   from wsjax.train.optim import OptimizerConfig

@@ -16,25 +16,26 @@ diagnostics.png, and prints a table.
 """
 from __future__ import annotations
 
+import os
+
 from absl import app
 
-from experiments import common
+from experiments import common, staged
+from wsjax.core.optim import OptimizerConfig
+from wsjax.studies.common import DataConfig
+from wsjax.studies.staged import ArrivalConfig, StagedConfig
 
-common.define_study_flags(
-    workdir="runs/dash", dataset="mnist1d_large", model="conv1d", optimizer="sgd", lr=0.05,
-    momentum=0.9, schedule="chunks", chunks=10, threshold=0.99, max_epochs=30,
-    methods="cold,warm,sp,dash")
-FLAGS = common.FLAGS
-
-
-def run() -> None:
-  common.run_study("dash", plots=_plots)
+DEFAULT = StagedConfig(
+    experiment="dash", data=DataConfig(dataset="mnist1d_large"),
+    optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.9),
+    arrivals=ArrivalConfig(schedule="chunks", chunks=10), threshold=0.99, max_epochs=30,
+    methods=("cold", "warm", "sp", "dash"))
+common.define_flags(DEFAULT, workdir="runs/dash")
 
 
 def _plots(out: dict, workdir: str) -> list[str]:
-  import os
   from wsjax import plotting
-  names = common.standard_plots(out, workdir, "DASH framework: test accuracy per stage")
+  names = staged.standard_plots(out, workdir, "DASH framework: test accuracy per stage")
   plotting.plot_per_stage(out, os.path.join(workdir, "cumulative_steps.png"), key="steps",
                           ylabel="optimizer steps (cumulative)", scale=1.0, cumulative=True,
                           title="DASH framework: cumulative steps")
@@ -43,7 +44,7 @@ def _plots(out: dict, workdir: str) -> list[str]:
 
 def main(argv):
   del argv  # parsed by common.parse_flags
-  common.run_main(run)
+  common.run_main(lambda: staged.run("dash", _plots))
 
 
 if __name__ == "__main__":

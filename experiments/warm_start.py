@@ -10,30 +10,29 @@ them.
     python -m experiments.warm_start --dataset=cifar10 --model=resnet18 --width=16
 
 Writes WORKDIR/results.json, WORKDIR/test_accuracy.png (and diagnostics.png)
-and prints a table.
+and prints a table; every stage of every method is a stored run in
+WORKDIR/runs (list them: python -m experiments.runs --workdir=WORKDIR).
 """
 from __future__ import annotations
 
 from absl import app
 
-from experiments import common
+from experiments import common, staged
+from wsjax.core.optim import OptimizerConfig
+from wsjax.studies.staged import StagedConfig
 
-common.define_study_flags(workdir="runs/warm_start", lr=3e-3, max_epochs=200,
-                          methods="cold,warm,shrink_perturb,dash")
-FLAGS = common.FLAGS
-
-
-def run() -> None:
-  common.run_study("warm_start", plots=_plots)
+DEFAULT = StagedConfig(experiment="warm_start", optimizer=OptimizerConfig(lr=3e-3),
+                       max_epochs=200, methods=("cold", "warm", "shrink_perturb", "dash"))
+common.define_flags(DEFAULT, workdir="runs/warm_start")
 
 
 def _plots(out: dict, workdir: str) -> list[str]:
-  return common.standard_plots(out, workdir, "warm-start gap: test accuracy per stage")
+  return staged.standard_plots(out, workdir, "warm-start gap: test accuracy per stage")
 
 
 def main(argv):
   del argv  # parsed by common.parse_flags
-  common.run_main(run)
+  common.run_main(lambda: staged.run("warm_start", _plots))
 
 
 if __name__ == "__main__":

@@ -25,3 +25,18 @@ def run_cli(module, *args, env=None, timeout=600, devices=None):
   e.update(env or {})
   return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=e,
                         capture_output=True, text=True, timeout=timeout)
+
+
+def toy_setting(data_dir, *, model="mlp", seeds=(0, 1), optimizer=None, batch_size=64,
+                block_steps=8, dataset="mnist1d", **model_options):
+  """The shared toy: a small model on MNIST-1D (or digits) for a stack of
+  replicas, as a `wsjax.studies.common.Setting` (model, data on device,
+  optimizer, fresh states, compiled programs)."""
+  from wsjax.core.optim import OptimizerConfig
+  from wsjax.studies.common import DataConfig, ModelConfig, RunnerConfig, Setting
+  if model == "mlp" and "widths" not in model_options:
+    model_options["widths"] = (16,)
+  return Setting(ModelConfig(name=model, **model_options),
+                 DataConfig(dataset=dataset, data_dir=data_dir, batch_size=batch_size),
+                 optimizer or OptimizerConfig(name="sgd", lr=0.05, momentum=0.9), seeds,
+                 RunnerConfig(block_steps=block_steps, progress=False, seed_devices=1))

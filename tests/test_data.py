@@ -317,6 +317,6 @@ def test_processes_building_one_data_dir_at_once_all_succeed(tmp_path):
   procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for _ in range(3)]
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
   assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1  # tfds also prints

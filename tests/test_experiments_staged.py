@@ -1,5 +1,7 @@
-"""The main job end to end, resumption after kill -9, warm-start sources, and
-clear errors, against the real program (subprocesses) and the real orbax."""
+"""The staged programs (the main job, the DASH study) end to end: stored runs
+shared between methods and reused on rerun, resumption after kill -9 and
+SIGTERM, warm-start sources, and clear errors, against the real programs
+(subprocesses) and the real orbax."""
 import json
 import os
 import signal
@@ -7,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -47,7 +48,7 @@ def reference_run(env, tmp_path_factory):
 def test_cli_writes_results_table_and_plot(reference_run):
   workdir, p = reference_run
   results = json.load(open(workdir / "results.json"))
-  assert set(results) == {"experiment", "config", "environment", "methods"}
+  assert set(results) == {"experiment", "config", "environment", "methods", "study"}
   # one CPU device per core, at most one per seed (2 seeds), seeds spread over them
   cores = len(os.sched_getaffinity(0))
   env = results["environment"]
@@ -71,12 +72,17 @@ def test_cli_writes_results_table_and_plot(reference_run):
   assert warm["stages"][1]["test_acc"] != cold["stages"][1]["test_acc"]
 
 
-def test_first_stage_is_trained_once_and_reused_exactly(reference_run, env, tmp_path):
-  """warm, sp and dash start their first stage from cold's fresh init, so the
-  study trains it once; warm trained on its own gets the same results."""
+def test_first_stage_is_one_stored_run_and_reused_exactly(reference_run, env, tmp_path):
+  """cold, warm, sp and dash start their first stage from the same fresh init
+  with the same program: one content-addressed run, trained once; warm
+  trained on its own in another workdir gets the same results."""
   workdir, p = reference_run
+  results = json.load(open(workdir / "results.json"))
+  first = {m["stages"][0]["run"] for m in results["methods"].values()}
+  assert len(first) == 1
+  first_run = first.pop()
   for method in ("warm", "sp", "dash"):
-    assert f"[{method}] stage 1 starts and trains as cold's: reusing its result" in p.stdout
+    assert f"[{method}] stage 1: reusing finished run {first_run}" in p.stdout
   alone = run_cli("experiments.warm_start", *_args(env, tmp_path / "warm", "--methods=warm"),
                   env=env[0])
   assert alone.returncode == 0, alone.stderr[-2000:]
@@ -84,27 +90,55 @@ def test_first_stage_is_trained_once_and_reused_exactly(reference_run, env, tmp_
   got = _strip_times(json.load(open(tmp_path / "warm" / "results.json")))["methods"]["warm"]
   want = _strip_times(json.load(open(workdir / "results.json")))["methods"]["warm"]
   assert got == want
-  # l2_init trains a penalized program from its first step: nothing to reuse
+  # l2_init trains a penalized program from its first step: a run of its own
   p = run_cli("experiments.warm_start", *_args(env, tmp_path / "l2", "--methods=cold,l2_init"),
               env=env[0])
   assert p.returncode == 0, p.stderr[-2000:]
   assert "reusing" not in p.stdout
+  l2 = json.load(open(tmp_path / "l2" / "results.json"))["methods"]
+  assert l2["l2_init"]["stages"][0]["run"] != l2["cold"]["stages"][0]["run"]
 
 
-def test_rerun_resumes_and_changed_config_is_refused(reference_run, env):
-  workdir, _ = reference_run
+def test_rerun_loads_finished_runs_and_a_changed_config_writes_new_runs_beside(
+    reference_run, env, tmp_path):
+  import shutil
+  workdir = tmp_path / "copy"
+  shutil.copytree(reference_run[0], workdir)
   before = open(workdir / "results.json").read()
-  p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=cold,warm,sp,dash"), env=env[0])
+  runs_before = sorted(os.listdir(workdir / "runs"))
+  p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=cold,warm,sp,dash"),
+              env=env[0])
   assert p.returncode == 0, p.stderr[-2000:]
   assert _strip_times(json.loads(before)) == _strip_times(json.load(open(workdir / "results.json")))
-  p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=cold", "--lr=0.01"), env=env[0])
-  assert p.returncode == 2
-  assert "different configuration" in p.stderr and "Traceback" not in p.stderr
-  assert open(workdir / "results.json").read() != ""
+  assert p.stdout.count("reusing finished run") == 8  # every stage of every method
+  assert sorted(os.listdir(workdir / "runs")) == runs_before
+  # another configuration: new runs beside the old, both studies' results kept
+  p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=cold", "--lr=0.01"),
+              env=env[0])
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert set(runs_before) < set(os.listdir(workdir / "runs"))
+  studies = sorted(os.listdir(workdir / "studies"))
+  assert len(studies) == 2
+  kept = [json.load(open(workdir / "studies" / d / "results.json")) for d in studies]
+  assert sorted(list(r["methods"]) for r in kept) == [["cold"], ["cold", "warm", "sp", "dash"]]
+  listing = run_cli("experiments.runs", f"--workdir={workdir}", env=env[0])
+  assert listing.returncode == 0 and "warm_start/dash/stage1" in listing.stdout
+
+
+def _stored(workdir, what):
+  """Run directories of a workdir holding `what` (DONE, or a checkpoint)."""
+  runs = workdir / "runs"
+  if not runs.is_dir():
+    return []
+  if what == "checkpoint":
+    return [d for d in runs.iterdir()
+            if (d / "checkpoints").is_dir() and any(c.name.isdigit() for c in (d / "checkpoints").iterdir())]
+  return [d for d in runs.iterdir() if (d / what).exists()]
 
 
 def test_kill_9_mid_run_then_resume_gives_identical_results(reference_run, env, tmp_path):
-  """kill -9 once checkpoints exist (mid-stage ones too), then run again."""
+  """kill -9 once a run has finished and another has a mid-run checkpoint,
+  then run again: finished runs are loaded, the rest resumes."""
   ref, _ = reference_run
   workdir = tmp_path / "killed"
   args = _args(env, workdir, "--methods=cold,warm,sp,dash", "--checkpoint_every=20")
@@ -112,10 +146,9 @@ def test_kill_9_mid_run_then_resume_gives_identical_results(reference_run, env, 
   e.pop("XLA_FLAGS", None)
   proc = subprocess.Popen([sys.executable, "-m", "experiments.warm_start", *args], cwd=REPO, env=e,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpts = workdir / "checkpoints" / "warm"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if ckpts.is_dir() and any(d.name.isdigit() for d in ckpts.iterdir()):
+    if _stored(workdir, "DONE") and _stored(workdir, "checkpoint"):
       break
     time.sleep(0.05)
   assert proc.poll() is None, "the run ended before it could be killed"
@@ -124,18 +157,26 @@ def test_kill_9_mid_run_then_resume_gives_identical_results(reference_run, env, 
   assert not (workdir / "results.json").exists()
   p = run_cli("experiments.warm_start", *args, env=env[0])
   assert p.returncode == 0, p.stderr[-3000:]
+  assert "resuming" in p.stdout + p.stderr
   got = _strip_times(json.load(open(workdir / "results.json")))
   want = _strip_times(json.load(open(ref / "results.json")))
   assert got["methods"] == want["methods"]  # bit-exact on the CPU
-  # mid-stage checkpoints (every 20 steps) are gone; the stage ends stay
-  for method in ("cold", "dash"):
-    kept = sorted(int(d.name) for d in (workdir / "checkpoints" / method).iterdir() if d.name.isdigit())
-    assert kept == [64, 64 + 126], kept
+  # every run is complete: no mid-run checkpoints left, init and final kept
+  runs = list((workdir / "runs").iterdir())
+  assert len(runs) == 5 and not _stored(workdir, "checkpoint")
+  for d in runs:
+    assert (d / "DONE").exists() and sorted(x.name for x in (d / "snapshots").iterdir()) == [
+        "final", "init"]
 
 
-def test_warm_start_from_another_runs_checkpoint(reference_run, env, tmp_path):
+def _cold_final_run(ref):
+  results = json.load(open(ref / "results.json"))
+  return ref / "runs" / results["methods"]["cold"]["stages"][-1]["run"]
+
+
+def test_warm_start_from_another_runs_snapshot(reference_run, env, tmp_path):
   ref, _ = reference_run
-  source = ref / "checkpoints" / "cold"
+  source = f"{_cold_final_run(ref)}@final"
   workdir = tmp_path / "from_source"
   p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=warm", "--fraction=1.0",
                                                "--max_epochs=1", f"--warm_start_from={source}"), env=env[0])
@@ -146,13 +187,19 @@ def test_warm_start_from_another_runs_checkpoint(reference_run, env, tmp_path):
   # far above the ~10-30% of a fresh model after one epoch
   got = results["methods"]["warm"]["stages"][0]["test_acc"]
   assert min(got) > min(cold_final) - 0.1
-  assert results["config"]["warm_start_from"] == str(source)
+  assert results["config"]["warm_start_from"] == source
+  # the old checkpoint layout gets a one-line pointer to the new form
+  p = run_cli("experiments.warm_start", *_args(env, tmp_path / "old", "--methods=warm",
+                                               f"--warm_start_from={ref}/checkpoints/cold"),
+              env=env[0])
+  assert p.returncode == 2 and "RUN[@SNAPSHOT]" in p.stderr.strip().splitlines()[-1]
 
 
 def test_warm_start_source_mismatch_lists_paths(reference_run, env, tmp_path):
   ref, _ = reference_run
   p = run_cli("experiments.warm_start", *_args(env, tmp_path / "mm", "--methods=warm", "--channels=16",
-                                               f"--warm_start_from={ref}/checkpoints/cold"), env=env[0])
+                                               f"--warm_start_from={_cold_final_run(ref)}"),
+              env=env[0])
   assert p.returncode == 2, p.stderr[-2000:]
   line = p.stderr.strip().splitlines()[-1]
   assert "does not match the model" in line and "conv1" in line and "(5, 1, 8)" in line and "(5, 1, 16)" in line
@@ -163,7 +210,7 @@ def test_warm_start_source_mismatch_lists_paths(reference_run, env, tmp_path):
     (["--dataset=imagenet7"], "unknown dataset"),
     (["--model=transformer"], "unknown model"),
     (["--methods=cold,magic"], "unknown method"),
-    (["--optimizer=lion"], "unknown optimizer"),
+    (["--optimizer=lion"], "should be one of"),
     (["--lr=-0.1"], "learning rate must be positive"),
     (["--shrink=1.5", "--methods=shrink_perturb"], "--shrink must be in [0, 1]"),
     (["--fraction=1.5"], "fraction"),
@@ -194,10 +241,8 @@ def test_sigterm_saves_a_checkpoint_and_resumes(reference_run, env, tmp_path):
   e.pop("XLA_FLAGS", None)
   proc = subprocess.Popen([sys.executable, "-m", "experiments.warm_start", *args], cwd=REPO, env=e,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  ckpts = workdir / "checkpoints" / "cold"
   deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None and not (
-      ckpts.is_dir() and any(d.name.isdigit() for d in ckpts.iterdir())):
+  while time.time() < deadline and proc.poll() is None and not _stored(workdir, "DONE"):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
@@ -205,6 +250,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes(reference_run, env, tmp_path):
     pytest.skip("the run finished before SIGTERM arrived")
   assert proc.returncode == 143, err[-2000:]
   assert "preempted" in err and "Traceback" not in err
+  assert _stored(workdir, "checkpoint")
   p = run_cli("experiments.warm_start", *args, env=env[0])
   assert p.returncode == 0, p.stderr[-2000:]
   assert "resuming" in p.stdout + p.stderr
@@ -212,20 +258,19 @@ def test_sigterm_saves_a_checkpoint_and_resumes(reference_run, env, tmp_path):
   assert got["methods"] == _strip_times(json.load(open(ref / "results.json")))["methods"]
 
 
-def test_corrupt_checkpoint_is_a_clear_error(reference_run, env, tmp_path):
+def test_corrupt_snapshot_is_a_clear_error(reference_run, env, tmp_path):
   import shutil
   ref, _ = reference_run
   workdir = tmp_path / "corrupt"
   shutil.copytree(ref, workdir)
-  latest = max((d for d in (workdir / "checkpoints" / "dash").iterdir() if d.name.isdigit()),
-               key=lambda d: int(d.name))
-  (latest / "meta" / "metadata").write_text("{not json")
+  results = json.load(open(workdir / "results.json"))
+  run = workdir / "runs" / results["methods"]["dash"]["stages"][-1]["run"]
+  (run / "snapshots" / "final" / "_METADATA").write_text("{not json")
   before = (workdir / "results.json").read_bytes()
   p = run_cli("experiments.warm_start", *_args(env, workdir, "--methods=cold,warm,sp,dash"), env=env[0])
   assert p.returncode == 2, p.stderr[-2000:]
   line = p.stderr.strip().splitlines()[-1]
-  assert "cannot" in line or "no readable" in line, line
-  assert str(latest.name) in line and "Traceback" not in p.stderr
+  assert "cannot be read" in line and run.name in line and "Traceback" not in p.stderr
   assert (workdir / "results.json").read_bytes() == before  # nothing lost
 
 
@@ -298,8 +343,9 @@ def test_dash_experiment_end_to_end(env, tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   results = json.load(open(workdir / "results.json"))
   assert list(results["methods"]) == methods.split(",")
-  assert results["config"]["schedule"] == "chunks" and results["config"]["optimizer"]["name"] == "sgd"
-  for name, m in results["methods"].items():
+  assert results["config"]["arrivals"]["schedule"] == "chunks"
+  assert results["config"]["optimizer"]["name"] == "sgd"
+  for m in results["methods"].values():
     assert [s["n_train"] for s in m["stages"]] == [1333, 2666, 3999]
     assert set(m) >= {"final_test_acc", "mean_test_acc", "total_steps"}
     for s in m["stages"]:

@@ -73,7 +73,16 @@ def vgg_p(plan, bn, classes):
   return n + dense_p(512, classes)
 
 
+def conv8_p(width, classes):
+  """Conv8 (learning-transfer): 8 conv3x3 with bias, 4x4 last pool, dense 4w, 4w."""
+  chans = [3] + [width * m for m in (1, 1, 2, 2, 4, 4, 8, 8)]
+  n = sum(conv_p(9, cin, cout, True) for cin, cout in zip(chans[:-1], chans[1:]))
+  return n + dense_p(8 * width, 4 * width) + dense_p(4 * width, 4 * width) + dense_p(4 * width, classes)
+
+
 def expected_params(name, classes):
+  if name == "conv8":
+    return conv8_p(64, classes)
   if name == "logreg":
     return dense_p(3072, classes)
   if name == "mlp":
@@ -89,12 +98,12 @@ def expected_params(name, classes):
 
 
 RELU_SITES = {"logreg": 0, "mlp": 2, "conv1d": 3, "resnet18": 17, "resnet20": 19,
-              "vgg11": 8, "vgg13": 10, "vgg16": 13}
+              "conv8": 10, "vgg11": 8, "vgg13": 10, "vgg16": 13}
 
 
 def test_known_models():
   assert set(models.KNOWN_MODELS) == {
-      "logreg", "mlp", "conv1d", "resnet18", "resnet20", "vgg11", "vgg13",
+      "logreg", "mlp", "conv1d", "resnet18", "resnet20", "conv8", "vgg11", "vgg13",
       "vgg16", "vgg11_bn", "vgg13_bn", "vgg16_bn"}
 
 
@@ -314,7 +323,7 @@ def test_conv_batchnorm_init(scheme):
 def test_flax_init():
   params = models.init_variables(models.get_model("conv1d", 10, init="flax"),
                                  jax.random.key(4), (40, 1))["params"]
-  for path, kernel, bias in layers_of(params):
+  for _path, kernel, bias in layers_of(params):
     assert np.all(bias == 0)
     if kernel.size >= 3000:  # LeCun normal: variance 1/fan_in
       normal_ok(kernel, 1 / math.sqrt(math.prod(kernel.shape[:-1])))

@@ -87,7 +87,7 @@ def test_dash_gradient_vmaps_over_seeds_and_feeds_dash():
       lambda p: T.dash_gradient(loss_fn, p, x, y, chunks)))(stacked)
   for i, p in enumerate((params, other)):
     ref = loop_reference(loss_fn, p, x, y, chunks, 0.3)
-    chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], got), ref,
+    chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], got), ref,
                                 rtol=1e-5, atol=1e-7)
   # The result is a gradient: DASH shrinks with the descent direction.
   g = T.dash_gradient(loss_fn, params, x, y, chunks)
