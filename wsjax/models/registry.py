@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from wsjax.models import initializers
+from wsjax.models.conv8 import Conv8
 from wsjax.models.resnet import ResNet18, ResNet20
 from wsjax.models.simple import MLP, Conv1D, LogisticRegression
 from wsjax.models.vgg import VGG
@@ -35,6 +36,7 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "conv1d": (Conv1D, {}),
     "resnet18": (ResNet18, {}),
     "resnet20": (ResNet20, {}),
+    "conv8": (Conv8, {}),
     **{f"vgg{d}{'_bn' if bn else ''}": (VGG, {"depth": d, "batch_norm": bn})
        for bn in (False, True) for d in (11, 13, 16)},
 }
@@ -66,8 +68,9 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Builds the registered model `name` with `num_classes` outputs.
 
   Options (`kwargs`) are the module's fields, e.g. ``widths`` (mlp),
-  ``channels`` (conv1d), ``width`` (resnets), ``dtype`` (the compute dtype
-  of resnets and vggs: "float32" or "bfloat16"), and ``init`` for every model.
+  ``channels`` (conv1d), ``width`` (resnets, conv8), ``last_pool`` (conv8),
+  ``dtype`` (the compute dtype of resnets, vggs and conv8: "float32" or
+  "bfloat16"), and ``init`` for every model.
   Raises UnknownModelError (a ValueError) for an unknown name and ValueError
   for an unknown option or init scheme.
   """
