@@ -98,7 +98,7 @@ def test_classify_linen_and_nnx(params):
 
 def test_dash_conv_kernel_slice_matches_hand(params, grads):
   lam = 0.3
-  new = T.apply_transform(T.dash(lam), params, grads)
+  new = T.apply_transform(T.dash(lam), params, grads=grads)
   k = np.asarray(params["conv"]["kernel"])
   g = np.asarray(grads["conv"]["kernel"])
   expected = k.copy()
@@ -114,7 +114,7 @@ def test_dash_conv_kernel_slice_matches_hand(params, grads):
 
 
 def test_dash_conv_unit_granularity(params, grads):
-  new = T.apply_transform(T.dash(0.3, granularity="unit"), params, grads)
+  new = T.apply_transform(T.dash(0.3, granularity="unit"), params, grads=grads)
   k = np.asarray(params["conv"]["kernel"])
   g = np.asarray(grads["conv"]["kernel"])
   expected = k.copy()
@@ -142,7 +142,7 @@ def test_dash_dense_bias_and_norm_by_hand():
   grads = {"dense": {"kernel": -neg_g, "bias": -neg_gb},
            "norm": {"scale": jnp.array([5.0, 5.0]),
                     "bias": jnp.array([5.0, 5.0])}}
-  new = T.apply_transform(T.dash(lam=0.3), params, grads)
+  new = T.apply_transform(T.dash(lam=0.3), params, grads=grads)
   s = np.array([1.0, 1 / np.sqrt(2), 0.3])
   chex.assert_trees_all_close(new["dense"]["kernel"], w * s[None, :],
                               atol=1e-6)
@@ -155,7 +155,7 @@ def test_dash_dense_bias_and_norm_by_hand():
   assert set(cos) == {"dense/kernel", "dense/bias"}
   # A zero gradient has cosine 0 (PyTorch's eps-clamped norms): lam * W.
   zero = jax.tree.map(jnp.zeros_like, params)
-  new = T.apply_transform(T.dash(lam=0.3), params, zero)
+  new = T.apply_transform(T.dash(lam=0.3), params, grads=zero)
   chex.assert_trees_all_close(new["dense"]["kernel"], 0.3 * w, atol=1e-7)
 
 
@@ -164,16 +164,21 @@ def test_dash_dense_bias_and_norm_by_hand():
 
 def test_shrink_perturb_with_known_fresh_init(params):
   fresh = _randomize(params, 7)
-  tx = T.shrink_perturb(0.4, 0.1, init_fn=lambda key: fresh)
+  tx = T.shrink_perturb(0.4, 0.1, init_fn=lambda key: fresh, key=0)
   new = T.apply_transform(tx, params)
   expected = jax.tree.map(lambda p, f: 0.4 * p + 0.1 * f, params, fresh)
   chex.assert_trees_all_close(new, expected, atol=1e-6)  # BN params too
   with pytest.raises(ValueError, match="init_fn"):
-    T.shrink_perturb()
+    T.shrink_perturb(key=0)
+  # random transforms take their key explicitly: no silent seed
+  for make in (lambda: T.shrink_perturb(init_fn=linen_init), lambda: T.gaussian_shrink_perturb(),
+               lambda: T.reset_layers("lin", linen_init)):
+    with pytest.raises(ValueError, match="PRNG key explicitly"):
+      make()
 
 
 def test_shrink_perturb_draws_from_split_key(params):
-  tx = T.shrink_perturb(0.4, 0.1, init_fn=linen_init, seed=3)
+  tx = T.shrink_perturb(0.4, 0.1, init_fn=linen_init, key=3)
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   d1, state1 = tx.update(zeros, state, params)
@@ -184,13 +189,13 @@ def test_shrink_perturb_draws_from_split_key(params):
                               atol=1e-6)
   d2, _ = tx.update(zeros, state1, params)  # fresh draw on the next update
   assert not np.allclose(d1["lin"]["kernel"], d2["lin"]["kernel"])
-  same, _ = T.shrink_perturb(0.4, 0.1, init_fn=linen_init, seed=3).update(
+  same, _ = T.shrink_perturb(0.4, 0.1, init_fn=linen_init, key=3).update(
       zeros, state, params)
   chex.assert_trees_all_equal(same, d1)
 
 
 def test_gaussian_shrink_perturb_exact_draws(params):
-  tx = T.gaussian_shrink_perturb(shrink=0.3, sigma=0.01, seed=5)
+  tx = T.gaussian_shrink_perturb(shrink=0.3, sigma=0.01, key=5)
   new = T.apply_transform(tx, params)
   _, sub = jax.random.split(jax.random.PRNGKey(5))
 
@@ -211,19 +216,19 @@ def test_gaussian_shrink_perturb_exact_draws(params):
 
 def test_gaussian_shrink_perturb_statistics_and_seeds():
   params = {"big": {"kernel": jnp.ones((200, 300)), "bias": jnp.zeros(300)}}
-  new = T.apply_transform(T.gaussian_shrink_perturb(0.3, 0.01, seed=0), params)
+  new = T.apply_transform(T.gaussian_shrink_perturb(0.3, 0.01, key=0), params)
   noise = np.asarray(new["big"]["kernel"]) - 0.3
   assert abs(noise.mean()) < 3 * 0.01 / np.sqrt(noise.size)
   assert abs(noise.std() - 0.01) < 0.0005
   assert np.asarray(new["big"]["bias"]).std() > 0.005
   # Kernel and bias draws are independent.
   assert not np.allclose(noise[0], np.asarray(new["big"]["bias"]))
-  again = T.apply_transform(T.gaussian_shrink_perturb(0.3, 0.01, 0), params)
-  other = T.apply_transform(T.gaussian_shrink_perturb(0.3, 0.01, 1), params)
+  again = T.apply_transform(T.gaussian_shrink_perturb(0.3, 0.01, key=0), params)
+  other = T.apply_transform(T.gaussian_shrink_perturb(0.3, 0.01, key=1), params)
   chex.assert_trees_all_equal(again, new)
   assert not np.allclose(other["big"]["kernel"], new["big"]["kernel"])
   # Repeated updates draw fresh noise from the split key.
-  tx = T.gaussian_shrink_perturb(0.3, 0.01, seed=0)
+  tx = T.gaussian_shrink_perturb(0.3, 0.01, key=0)
   zeros = jax.tree.map(jnp.zeros_like, params)
   d1, s1 = tx.update(zeros, tx.init(params), params)
   d2, _ = tx.update(zeros, s1, params)
@@ -235,7 +240,7 @@ def test_gaussian_shrink_perturb_statistics_and_seeds():
 
 def test_reset_layers(params):
   fresh = _randomize(params, 9)
-  tx = T.reset_layers("lin", init_fn=lambda key: fresh)
+  tx = T.reset_layers("lin", init_fn=lambda key: fresh, key=0)
   new = T.apply_transform(tx, params)
   chex.assert_trees_all_close(new["lin"], fresh["lin"], atol=1e-6)
   chex.assert_trees_all_equal(new["conv"], params["conv"])
@@ -245,16 +250,16 @@ def test_reset_layers(params):
           "Dense_01": {"kernel": jnp.ones((2, 2))},
           "head": {"Dense_0": {"kernel": jnp.ones((2, 2))}}}
   zeros = jax.tree.map(jnp.zeros_like, tree)
-  new = T.apply_transform(T.reset_layers("Dense_0", lambda k: zeros), tree)
+  new = T.apply_transform(T.reset_layers("Dense_0", lambda k: zeros, key=0), tree)
   assert float(new["Dense_01"]["kernel"].sum()) == 4.0
   assert float(new["Dense_0"]["kernel"].sum()) == 0.0
   assert float(new["head"]["Dense_0"]["kernel"].sum()) == 0.0
-  new = T.apply_transform(T.reset_layers("head/Dense_0", lambda k: zeros),
+  new = T.apply_transform(T.reset_layers("head/Dense_0", lambda k: zeros, key=0),
                           tree)
   assert float(new["Dense_0"]["kernel"].sum()) == 4.0
   assert float(new["head"]["Dense_0"]["kernel"].sum()) == 0.0
   with pytest.raises(ValueError, match="Dense_9"):
-    T.apply_transform(T.reset_layers("Dense_9", lambda k: zeros), tree)
+    T.apply_transform(T.reset_layers("Dense_9", lambda k: zeros, key=0), tree)
 
 
 def test_l2_init_penalty_matches_official_form(params):
@@ -287,40 +292,53 @@ def test_l2_init_penalty_matches_official_form(params):
 
 
 def test_jit_matches_eager(params, grads):
-  for tx in (T.dash(), T.gaussian_shrink_perturb(seed=2),
-             T.shrink_perturb(init_fn=linen_init, seed=2),
-             T.reset_layers("lin", linen_init, seed=2)):
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for tx in (T.dash(), T.gaussian_shrink_perturb(key=2),
+             T.shrink_perturb(init_fn=linen_init, key=2),
+             T.reset_layers("lin", linen_init, key=2)):
+    tx = optax.with_extra_args_support(tx)  # the others ignore `grads`
     state = tx.init(params)
-    eager, s_eager = tx.update(grads, state, params)
-    jitted, s_jit = jax.jit(tx.update)(grads, state, params)
+    eager, s_eager = tx.update(zeros, state, params, grads=grads)
+    jitted, s_jit = jax.jit(tx.update)(zeros, state, params, grads=grads)
     chex.assert_trees_all_close(jitted, eager, atol=1e-6)
     chex.assert_trees_all_equal(s_jit, s_eager)
 
 
-def test_chain_applies_in_sequence(params, grads):
+def test_chain_applies_in_sequence_in_either_order(params, grads):
+  """`updates` means the deltas so far for every transform, DASH included (its
+  gradient is an extra argument): a chain equals applying its members one
+  after the other, in BOTH orders."""
   fresh = _randomize(params, 13)
-  reset = T.reset_layers("lin", lambda key: fresh)
-  sp = T.gaussian_shrink_perturb(seed=4)
-  # DASH first (it consumes gradients), then S&P on the shrunk weights.
-  chained = optax.chain(T.dash(), sp)
-  deltas, _ = chained.update(grads, chained.init(params), params)
-  sequential = T.apply_transform(sp, T.apply_transform(T.dash(), params,
-                                                       grads))
-  chex.assert_trees_all_close(optax.apply_updates(params, deltas), sequential,
-                              atol=1e-6)
+  reset = T.reset_layers("lin", lambda key: fresh, key=0)
+  sp = T.gaussian_shrink_perturb(key=4)
+  dash = T.dash(0.3)
+  for first, second, name in ((dash, sp, "dash then sp"), (sp, dash, "sp then dash")):
+    chained = optax.chain(first, second)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    deltas, _ = chained.update(zeros, chained.init(params), params, grads=grads)
+    sequential = T.apply_transform(second, T.apply_transform(first, params, grads=grads),
+                                   grads=grads)
+    chex.assert_trees_all_close(optax.apply_updates(params, deltas), sequential, atol=1e-6,
+                                custom_message=name)
+  # the two orders differ: DASH's cosines see S&P's noise in one, not the other
+  a = T.apply_transform(optax.chain(dash, sp), params, grads=grads)
+  b = T.apply_transform(optax.chain(sp, dash), params, grads=grads)
+  assert not np.allclose(a["conv"]["kernel"], b["conv"]["kernel"])
   # S&P then a reset of the classifier: the reset wins on 'lin'.
   both = T.apply_transform(optax.chain(sp, reset), params)
   chex.assert_trees_all_close(both["lin"], fresh["lin"], atol=1e-6)
   chex.assert_trees_all_close(both["conv"], T.apply_transform(sp,
                                                               params)["conv"],
                               atol=1e-6)
+  with pytest.raises(ValueError, match="needs the loss gradient"):
+    T.apply_transform(dash, params)
 
 
 def test_masked_leaves_unchanged(params, grads):
   mask = {"conv": {"kernel": True, "bias": True},
           "bn": {"scale": True, "bias": True},
           "lin": {"kernel": False, "bias": False}}
-  sp = T.gaussian_shrink_perturb(seed=6)
+  sp = T.gaussian_shrink_perturb(key=6)
   new = T.apply_transform(optax.masked(sp, mask), params)
   chex.assert_trees_all_equal(new["lin"], params["lin"])
   # Noise is keyed by leaf name: unmasked leaves get the same draw.
@@ -329,7 +347,7 @@ def test_masked_leaves_unchanged(params, grads):
                               atol=1e-7)
   fresh = _randomize(params, 8)
   new = T.apply_transform(
-      optax.masked(T.shrink_perturb(init_fn=lambda k: fresh), mask), params)
+      optax.masked(T.shrink_perturb(init_fn=lambda k: fresh, key=0), mask), params)
   chex.assert_trees_all_equal(new["lin"], params["lin"])
   chex.assert_trees_all_close(new["bn"]["scale"],
                               0.4 * params["bn"]["scale"]
@@ -341,14 +359,11 @@ def test_masked_leaves_unchanged(params, grads):
   chex.assert_trees_all_equal(new["conv"]["kernel"], params["conv"]["kernel"])
   assert not np.allclose(new["conv"]["bias"], params["conv"]["bias"])
   chex.assert_trees_all_equal(new["bn"], params["bn"])
-  # DASH's incoming updates are gradients: mask with multi_transform.
-  labels = jax.tree.map(lambda m: "dash" if m else "keep", mask)
-  tx = optax.multi_transform({"dash": T.dash(), "keep": optax.set_to_zero()},
-                             labels)
-  new = T.apply_transform(tx, params, grads)
+  # DASH masks like any other transform (its gradient is an extra argument).
+  new = T.apply_transform(optax.masked(T.dash(), mask), params, grads=grads)
   chex.assert_trees_all_equal(new["lin"], params["lin"])
   chex.assert_trees_all_close(
-      new["conv"], T.apply_transform(T.dash(), params, grads)["conv"],
+      new["conv"], T.apply_transform(T.dash(), params, grads=grads)["conv"],
       atol=1e-7)
 
 
@@ -366,17 +381,17 @@ def test_linen_and_nnx_give_the_same_result(params, grads):
   cases = [
       (T.dash(), T.dash(), True),
       (T.dash(granularity="unit"), T.dash(granularity="unit"), True),
-      (T.gaussian_shrink_perturb(seed=3), T.gaussian_shrink_perturb(seed=3),
+      (T.gaussian_shrink_perturb(key=3), T.gaussian_shrink_perturb(key=3),
        False),
-      (T.shrink_perturb(init_fn=lambda k: fresh),
-       T.shrink_perturb(init_fn=lambda k: fresh_nnx), False),
-      (T.reset_layers("lin", lambda k: fresh),
-       T.reset_layers("lin", lambda k: fresh_nnx), False),
+      (T.shrink_perturb(init_fn=lambda k: fresh, key=0),
+       T.shrink_perturb(init_fn=lambda k: fresh_nnx, key=0), False),
+      (T.reset_layers("lin", lambda k: fresh, key=0),
+       T.reset_layers("lin", lambda k: fresh_nnx, key=0), False),
   ]
   for tx, ntx, use_grads in cases:
-    g, ng = (grads, nnx_grads) if use_grads else (None, None)
-    out_linen = T.apply_transform(tx, params, g)
-    out_nnx = T.apply_transform(ntx, state, ng)
+    g, ng = ({"grads": grads}, {"grads": nnx_grads}) if use_grads else ({}, {})
+    out_linen = T.apply_transform(tx, params, **g)
+    out_nnx = T.apply_transform(ntx, state, **ng)
     assert isinstance(out_nnx, nnx.State)
     assert isinstance(out_nnx["bn"]["mean"], nnx.BatchStat)
     pure = nnx.to_pure_dict(out_nnx)
@@ -398,8 +413,8 @@ def test_nnx_state_roundtrips_into_the_module(params, grads):
   model = NNXToy(nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   nnx.replace_by_pure_dict(state, nnx.to_pure_dict(to_nnx(params)))
-  new_state = T.apply_transform(T.dash(), state, to_nnx(grads))
+  new_state = T.apply_transform(T.dash(), state, grads=to_nnx(grads))
   nnx.update(model, new_state)
-  expected = T.apply_transform(T.dash(), params, grads)
+  expected = T.apply_transform(T.dash(), params, grads=grads)
   np.testing.assert_allclose(model.lin.kernel[...], expected["lin"]["kernel"],
                              atol=1e-6)

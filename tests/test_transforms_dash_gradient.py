@@ -91,7 +91,7 @@ def test_dash_gradient_vmaps_over_seeds_and_feeds_dash():
                                 rtol=1e-5, atol=1e-7)
   # The result is a gradient: DASH shrinks with the descent direction.
   g = T.dash_gradient(loss_fn, params, x, y, chunks)
-  new = T.apply_transform(T.dash(), params, g)
+  new = T.apply_transform(T.dash(), params, grads=g)
   cos = T.dash_cosines(params, g)
   scale = np.clip(np.asarray(cos["Dense_0/kernel"]), 0.3, 1.0)
   np.testing.assert_allclose(new["Dense_0"]["kernel"],

@@ -58,6 +58,7 @@ class StageContext:
   arrivals: list[np.ndarray]       # indices that arrived at each stage <= `stage`
   n_stages: int                    # stages in the whole schedule
   model: Any
+  init_variables: Any = None       # key -> a fresh draw of the model's variables
   mesh: Any = None                 # the (replicas, data) mesh of the study's programs
 
 
@@ -142,11 +143,14 @@ class WarmRM(Method):
     return reset_opt_states(prev, ctx.tx)
 
 
-@functools.partial(jax.jit, static_argnames=("shrink", "perturb"))
-def _mix_with_fresh(params, fresh_params, *, shrink, perturb):
-  def one(p, f):
-    return T.apply_transform(T.shrink_perturb(shrink, perturb, init_fn=lambda key: f), p)
-  return jax.vmap(one)(params, fresh_params)
+@functools.partial(jax.jit, static_argnames=("shrink", "perturb", "init_variables"))
+def _shrink_perturb(params, keys, *, shrink, perturb, init_variables):
+  """Per replica: `T.shrink_perturb` with the model's own initializer and the
+  replica's key (the fresh draw is `init_variables(sub)`, `sub` from the key)."""
+  def one(p, key):
+    tx = T.shrink_perturb(shrink, perturb, init_fn=lambda k: init_variables(k)["params"], key=key)
+    return T.apply_transform(tx, p)
+  return jax.vmap(one)(params, keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,15 +166,16 @@ class ShrinkPerturb(Method):
     _unit("perturb", self.perturb)
 
   def continue_from(self, prev, ctx):
-    fresh = ctx.fresh()
-    params = _mix_with_fresh(prev.params, fresh.params, shrink=self.shrink, perturb=self.perturb)
+    params = _shrink_perturb(prev.params, _keys(ctx, 13), shrink=self.shrink,
+                             perturb=self.perturb, init_variables=ctx.init_variables)
+    fresh = ctx.fresh()  # fresh BatchNorm statistics and a new optimizer, as their code
     return fresh.replace(params=params, opt_state=vmapped_opt_init(ctx.tx)(params))
 
 
 @functools.partial(jax.jit, static_argnames=("shrink", "sigma"))
 def _gaussian_perturb(params, keys, *, shrink, sigma):
   def one(p, key):
-    return T.apply_transform(T.gaussian_shrink_perturb(shrink, sigma, seed=key), p)
+    return T.apply_transform(T.gaussian_shrink_perturb(shrink, sigma, key=key), p)
   return jax.vmap(one)(params, keys)
 
 
@@ -192,11 +197,12 @@ class SP(Method):
     return prev.replace(params=params)
 
 
-@functools.partial(jax.jit, static_argnames=("names",))
-def _reset_named(params, fresh_params, *, names):
-  def one(p, f):
-    return T.apply_transform(T.reset_layers(names, init_fn=lambda key: f), p)
-  return jax.vmap(one)(params, fresh_params)
+@functools.partial(jax.jit, static_argnames=("names", "init_variables"))
+def _reset_named(params, keys, *, names, init_variables):
+  def one(p, key):
+    tx = T.reset_layers(names, init_fn=lambda k: init_variables(k)["params"], key=key)
+    return T.apply_transform(tx, p)
+  return jax.vmap(one)(params, keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +217,8 @@ class Reset(Method):
       raise ValueError("--reset_layers names no layer")
 
   def continue_from(self, prev, ctx):
-    fresh = ctx.fresh()
-    return prev.replace(params=_reset_named(prev.params, fresh.params, names=tuple(self.layers)))
+    return prev.replace(params=_reset_named(prev.params, _keys(ctx, 17), names=tuple(self.layers),
+                                            init_variables=ctx.init_variables))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_batch", "mesh"))
@@ -234,7 +240,7 @@ def _chunk_gradient_ema(params, batch_stats, x, y, chunk_indices, chunk_mask, al
 @functools.partial(jax.jit, static_argnames=("lam", "granularity"))
 def _dash_shrink(params, grads, *, lam, granularity):
   tx = T.dash(lam, granularity=granularity)
-  return jax.vmap(lambda p, g: T.apply_transform(tx, p, g))(params, grads)
+  return jax.vmap(lambda p, g: T.apply_transform(tx, p, grads=g))(params, grads)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -183,7 +183,8 @@ class StagedStudy:
     return StageContext(stage=stage, seeds=s.seeds, tx=s.tx,
                         fresh=lambda: s.fresh_states(stage, 0), data_x=s.x_train,
                         data_y=s.y_train, arrivals=self.schedule.new[:stage + 1],
-                        n_stages=len(self.schedule.stages), model=s.model, mesh=s.mesh)
+                        n_stages=len(self.schedule.stages), model=s.model,
+                        init_variables=s.init_variables, mesh=s.mesh)
 
   def _warm_start_source(self):
     ref = self.cfg.warm_start_from

@@ -1,19 +1,23 @@
-"""Shared pieces of the warm-start transforms: seeded state, one-call apply.
+"""Shared pieces of the warm-start transforms: keyed state, one-call apply.
 
 Every warm-start transform is an `optax.GradientTransformation` whose
 `update(updates, state, params)` returns parameter DELTAS:
 `optax.apply_updates(params, deltas)` is the transformed parameters.
 
-Composition. Except DASH (whose incoming `updates` are loss gradients), the
-transforms read the incoming `updates` as deltas accumulated so far (zeros when
-a transform is applied alone) and act on the current parameters
-`params + updates`; they return `T(params + updates) - params`. So
-`optax.chain(t1, t2)` applies t1 then t2, and leaves a transform does not touch
-keep their incoming delta. `optax.masked(t, mask)` passes the incoming updates
-of masked-out leaves through unchanged: with zero incoming deltas those leaves
-stay as they are. (For DASH, whose incoming updates are gradients, mask with
-`optax.multi_transform({'dash': dash(), 'keep': optax.set_to_zero()}, labels)`
-or put it first in a chain.)
+Composition. Every transform reads the incoming `updates` as the deltas
+accumulated so far (zeros when a transform is applied alone) and acts on the
+current parameters `params + updates`; it returns `T(params + updates) -
+params`. So `optax.chain(t1, t2)` applies t1 then t2, in either order, and
+leaves a transform does not touch keep their incoming delta. Inputs other
+than the parameters come as extra arguments (optax's
+`GradientTransformationExtraArgs`): DASH's loss gradient is
+`update(updates, state, params, grads=g)`, which `optax.chain` passes to every
+member that takes it. `optax.masked(t, mask)` passes the incoming updates of
+masked-out leaves through unchanged.
+
+Randomness. A random transform takes its PRNG key explicitly (`key=`, a key
+or an int): its state holds the key, and every update splits it,
+`key, sub = split(key)`, and draws with `sub`; there is no default seed.
 """
 from __future__ import annotations
 
@@ -50,14 +54,19 @@ def require_params(params, name: str):
         "params)); the transform acts on the parameters' values.")
 
 
-def apply_transform(tx: optax.GradientTransformation, params, grads=None):
-  """init + update + apply_updates in one call; returns the new parameters.
-
-  `grads` are the incoming updates: loss gradients for DASH, otherwise left
-  None (zeros of `params`' structure).
-  """
+def apply_transform(tx: optax.GradientTransformation, params, **extra_args):
+  """init + update + apply_updates in one call, from zero incoming deltas;
+  returns the new parameters. `extra_args` go to `update` (e.g. DASH's
+  `grads=`)."""
+  tx = optax.with_extra_args_support(tx)  # transforms without extra args ignore them
   state = tx.init(params)
-  if grads is None:
-    grads = jax.tree.map(jnp.zeros_like, params)
-  deltas, _ = tx.update(grads, state, params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  deltas, _ = tx.update(zeros, state, params, **extra_args)
   return optax.apply_updates(params, deltas)
+
+
+def require_key(key, name: str):
+  if key is None:
+    raise ValueError(f"{name}: pass its PRNG key explicitly (key=jax.random.key(...) or an int); "
+                     "random transforms have no default seed")
+  return key

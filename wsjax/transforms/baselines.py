@@ -31,8 +31,8 @@ def _matches(path: tuple[str, ...], name: str) -> bool:
 
 
 def reset_layers(names: str | Sequence[str],
-                 init_fn: Callable[[jax.Array], Any],
-                 seed=0) -> optax.GradientTransformation:
+                 init_fn: Callable[[jax.Array], Any], *,
+                 key=None) -> optax.GradientTransformation:
   """Re-initializes the named layers; the `reset` baseline of the DASH code.
 
       theta_l <- theta_fresh_l   for layers l named in `names`,
@@ -49,7 +49,8 @@ def reset_layers(names: str | Sequence[str],
   Args:
     names: a layer name or several.
     init_fn: `key -> params` with the same tree structure as the params.
-    seed: int or PRNG key, split on every update.
+    key: a PRNG key or an int (required), split on every update; the fresh
+      draw is `init_fn(sub)`, `key, sub = split(key)`.
 
   Raises:
     ValueError (at update) if no leaf matches any name.
@@ -57,10 +58,11 @@ def reset_layers(names: str | Sequence[str],
   names = (names,) if isinstance(names, str) else tuple(names)
   if not names:
     raise ValueError("reset_layers: give at least one layer name.")
+  base.require_key(key, "reset_layers")
 
   def init(params):
     del params
-    return base.PRNGState(base.init_key(seed))
+    return base.PRNGState(base.init_key(key))
 
   def update(updates, state, params=None):
     base.require_params(params, "reset_layers")

@@ -51,10 +51,12 @@ def _group_cosine(role: str, w, neg_g, granularity: str, eps: float):
 
 def dash(lam: float = 0.3, granularity: str = "kernel_slice",
          eps: float = EPS) -> optax.GradientTransformation:
-  """DASH shrinking (Shin et al., 2024). Incoming `updates` are loss GRADIENTS.
+  """DASH shrinking (Shin et al., 2024), with the loss gradient as an extra argument.
 
-  With g = -updates (the descent direction), for each group of a conv/dense
-  layer:
+  `update(updates, state, params, *, grads)`: `updates` are the deltas so far
+  (zeros when applied alone), `grads` the loss gradient (e.g. from
+  `dash_gradient`). With W = params + updates (the current weights) and
+  g = -grads (the descent direction), for each group of a conv/dense layer:
 
       W_group <- W_group * clip(cos(W_group, g_group), lam, 1)
       cos(a, b) = <a, b> / (max(||a||, eps) * max(||b||, eps)),  eps = 1e-8
@@ -81,8 +83,10 @@ def dash(lam: float = 0.3, granularity: str = "kernel_slice",
     eps: the cosine's norm floor.
 
   Returns:
-    A stateless transform; `update(grads, state, params)` returns the deltas
-    `W * (clip(cos, lam, 1) - 1)` (zero for untouched leaves).
+    A stateless `optax.GradientTransformationExtraArgs`; `update(updates,
+    state, params, grads=g)` returns the deltas `W (clip(cos, lam, 1) - 1) +
+    updates` (the incoming delta for untouched leaves), so in `optax.chain`
+    it composes with any other transform in either order.
   """
   _check_granularity(granularity)
 
@@ -90,26 +94,31 @@ def dash(lam: float = 0.3, granularity: str = "kernel_slice",
     del params
     return optax.EmptyState()
 
-  def update(updates, state, params=None):
+  def update(updates, state, params=None, *, grads=None, **extra):
+    del extra
     base.require_params(params, "dash")
+    if grads is None:
+      raise ValueError("dash: update() needs the loss gradient as an extra argument: "
+                       "tx.update(updates, state, params, grads=g)")
 
-    def f(info, w, grad):
+    def f(info, p, u, grad):
       if info.role not in groups.LAYER_WEIGHTS:
-        return jnp.zeros_like(w)
+        return u
+      w = p + u
       c = _group_cosine(info.role, w, -grad, granularity, eps)
       scale = jnp.clip(c, lam, 1.0)
-      return (w * (scale - 1.0)).astype(w.dtype)
+      return (w * (scale - 1.0) + u).astype(p.dtype)
 
-    return groups.map_leaves(f, params, updates), state
+    return groups.map_leaves(f, params, updates, grads), state
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def dash_cosines(params, grads, granularity: str = "kernel_slice",
                  eps: float = EPS) -> dict[str, jax.Array]:
   """The cosines DASH would use, per conv/dense kernel and bias.
 
-  `grads` are loss gradients (as fed to `dash`); the cosines are taken with
+  `grads` are loss gradients (as given to `dash`); the cosines are taken with
   their negation. Returns `{leaf name: cosines}`, e.g. `'Conv_0/kernel'`:
   `(in, out)` for "kernel_slice" conv kernels, `(out,)` for dense kernels and
   "unit" conv kernels, `()` for biases. Unclipped; for histograms.
@@ -146,7 +155,7 @@ def dash_gradient(loss_fn: Callable[..., jax.Array], params, x, y,
   EMA starts from ZEROS (not from the first chunk's gradient), so the weights
   sum to `1 - (1 - alpha)**n`; cosines do not depend on that scale. The code
   accumulates the EMA of the NEGATIVE gradients; this returns the gradient
-  (its exact negation), to be fed to `dash()` as the incoming `updates`.
+  (its exact negation), to be given to `dash()` as `grads=`.
 
   Args:
     loss_fn: `(params, xb, yb) -> scalar mean loss`. Close over the model in

@@ -22,8 +22,8 @@ from wsjax.transforms import groups
 
 
 def shrink_perturb(shrink: float = 0.4, perturb: float = 0.1,
-                   init_fn: Callable[[jax.Array], Any] | None = None,
-                   seed=0) -> optax.GradientTransformation:
+                   init_fn: Callable[[jax.Array], Any] | None = None, *,
+                   key=None) -> optax.GradientTransformation:
   """Ash & Adams (2020) shrink-and-perturb with a fresh initialization.
 
       theta <- shrink * theta + perturb * theta_fresh,
@@ -46,7 +46,8 @@ def shrink_perturb(shrink: float = 0.4, perturb: float = 0.1,
       the params this transform is applied to, e.g.
       `lambda k: model.init(k, x)['params']` (Linen) or
       `lambda k: nnx.state(Model(rngs=nnx.Rngs(k)), nnx.Param)` (NNX).
-    seed: int or PRNG key; the key is split on every update, so repeated
+    key: a PRNG key or an int (required); every update splits it,
+      `key, sub = split(key)`, and draws `init_fn(sub)`, so repeated
       applications draw fresh initializations.
 
   Returns:
@@ -58,10 +59,11 @@ def shrink_perturb(shrink: float = 0.4, perturb: float = 0.1,
         "shrink_perturb needs init_fn (key -> a fresh draw of the model's "
         "params, e.g. lambda k: model.init(k, x)['params']); for isotropic "
         "noise use gaussian_shrink_perturb.")
+  base.require_key(key, "shrink_perturb")
 
   def init(params):
     del params
-    return base.PRNGState(base.init_key(seed))
+    return base.PRNGState(base.init_key(key))
 
   def update(updates, state, params=None):
     base.require_params(params, "shrink_perturb")
@@ -79,8 +81,8 @@ def shrink_perturb(shrink: float = 0.4, perturb: float = 0.1,
   return optax.GradientTransformation(init, update)
 
 
-def gaussian_shrink_perturb(shrink: float = 0.3, sigma: float = 0.01,
-                            seed=0) -> optax.GradientTransformation:
+def gaussian_shrink_perturb(shrink: float = 0.3, sigma: float = 0.01, *,
+                            key=None) -> optax.GradientTransformation:
   """The DASH code's `sp` baseline: shrink, then add isotropic Gaussian noise.
 
       W <- shrink * W + N(0, sigma^2)     for conv/dense kernels and biases
@@ -91,12 +93,14 @@ def gaussian_shrink_perturb(shrink: float = 0.3, sigma: float = 0.01,
 
   Draws: each update splits the state's key, `key, sub = split(key)`, and a
   leaf's noise is `sigma * normal(groups.leaf_key(sub, leaf), shape, dtype)`,
-  keyed by the leaf's path name; identical seeds give identical draws, on
-  Linen and NNX trees alike.
+  keyed by the leaf's path name; identical keys give identical draws, on
+  Linen and NNX trees alike. `key` (a PRNG key or an int) is required.
   """
+  base.require_key(key, "gaussian_shrink_perturb")
+
   def init(params):
     del params
-    return base.PRNGState(base.init_key(seed))
+    return base.PRNGState(base.init_key(key))
 
   def update(updates, state, params=None):
     base.require_params(params, "gaussian_shrink_perturb")
