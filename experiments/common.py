@@ -33,12 +33,16 @@ USAGE_ERROR = 2
 
 
 def define_flags(default_config, *, workdir: str, runner=None) -> None:
-  """Flags for every field of `default_config` and of the runner config, and
-  the program flags."""
+  """Flags for every field of `default_config` and of the runner config
+  (`runner=False`: a program that trains nothing has none), and the program
+  flags."""
   from wsjax.studies.common import RunnerConfig
   config_lib.define_flags(default_config, FLAGS)
-  config_lib.define_flags(runner or RunnerConfig(), FLAGS)
+  if runner is not False:
+    config_lib.define_flags(runner or RunnerConfig(), FLAGS)
   flags.DEFINE_string("workdir", workdir, "where runs, results.json and plots go")
+  if runner is False:
+    return
   flags.DEFINE_string("compilation_cache_dir", os.path.expanduser("~/.cache/wsjax/xla"),
                       "persistent XLA compilation cache ('' to disable)")
   flags.DEFINE_integer("host_devices", 0, "CPU only: host devices to run on (0: one per core, "

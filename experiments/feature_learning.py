@@ -28,34 +28,14 @@ from experiments import common
 from wsjax.studies import feature_learning
 
 
-def _define_flags() -> None:
-  d = feature_learning.FeatureLearningConfig()
-  flags.DEFINE_integer("classes", d.classes, "C: number of classes")
-  flags.DEFINE_integer("features", d.features, "F: features per class")
-  flags.DEFINE_float("p_max", d.p_max, "feature probabilities are drawn from U(0, p_max), in (0, 1]")
-  flags.DEFINE_integer("points", d.points, "N: points arriving per experiment (a multiple of --classes)")
-  flags.DEFINE_integer("experiments", d.experiments, "J: number of experiments")
-  flags.DEFINE_integer("gamma", d.gamma, "a feature is learned once this many candidate points hold it")
-  flags.DEFINE_integer("tau", d.tau, "a point holding this many learned features has zero gradient")
-  flags.DEFINE_integer("seeds", d.seeds, "number of seeds (0 .. seeds - 1)")
-  flags.DEFINE_integer("test_points", d.test_points, "test points per seed (a multiple of --classes)")
-  flags.DEFINE_list("methods", ",".join(d.methods), "methods to compare: cold, warm, ideal")
-  flags.DEFINE_enum("guess", d.guess, list(feature_learning.GUESSES),
-                    "unexplained test points: expectation (score 1/C) or draw (Bernoulli(1/C))")
-  flags.DEFINE_string("workdir", "runs/feature_learning", "where results.json and the plot go")
-  flags.DEFINE_bool("progress", True, "show a progress bar")
-
-
-_define_flags()
+common.define_flags(feature_learning.FeatureLearningConfig(), workdir="runs/feature_learning",
+                    runner=False)
+flags.DEFINE_bool("progress", True, "show a progress bar")
 FLAGS = common.FLAGS
 
 
 def config_from_flags() -> feature_learning.FeatureLearningConfig:
-  config = feature_learning.FeatureLearningConfig(
-      classes=FLAGS.classes, features=FLAGS.features, p_max=FLAGS.p_max, points=FLAGS.points,
-      experiments=FLAGS.experiments, gamma=FLAGS.gamma, tau=FLAGS.tau, seeds=FLAGS.seeds,
-      test_points=FLAGS.test_points, methods=tuple(m.strip() for m in FLAGS.methods if m.strip()),
-      guess=FLAGS.guess)
+  config = common.config_from_flags(feature_learning.FeatureLearningConfig)
   config.validate()
   return config
 
@@ -73,10 +53,7 @@ def run() -> None:
   from wsjax import results
   config = config_from_flags()
   workdir = FLAGS.workdir
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"workdir {workdir} cannot be created ({e.strerror}); choose another --workdir") from e
+  common.check_workdir(workdir)
   bar = None
   if FLAGS.progress:
     import tqdm

@@ -264,6 +264,8 @@ def train(states, program: Program, data: TrainData, until: Until, *, data_seeds
 
 
 def set_step(states, step: int):
-  """Every replica's global step set to `step` (the schedule's position)."""
-  import jax.numpy as jnp
-  return states.replace(step=jnp.full_like(states.step, step))
+  """Every replica's global step set to `step` (the schedule's position),
+  replicated like the rest of the state (a host value placed, no program)."""
+  from wsjax import parallel
+  return states.replace(step=parallel.put_replicated(
+      np.full(np.shape(states.step), step, np.int32)))

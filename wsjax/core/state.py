@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -64,7 +65,8 @@ def seed_keys(seeds: Sequence[int], *salt: int) -> jax.Array:
 
   A pure function of (seed, *salt), e.g. (seed, stage, 0) for a staged
   study's fresh initialization of a stage. Computed in one jitted program."""
-  return _seed_keys(jnp.asarray(list(seeds), jnp.uint32), jnp.asarray(list(salt), jnp.uint32))
+  # host arrays in: no eager conversion programs
+  return _seed_keys(np.asarray(list(seeds), np.uint32), np.asarray(list(salt), np.uint32))
 
 
 @jax.jit

@@ -158,7 +158,7 @@ class Run:
       shutil.rmtree(path)
     _sync(f"snapshot {self.hash}/{name} cleared")
     with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(path, states)
+      ckptr.save(path, parallel.to_host(states))  # host copies: no per-device slicing programs
       ckptr.wait_until_finished()
 
   def load_snapshot(self, name: str, template):

@@ -111,6 +111,10 @@ GUESSES = ("expectation", "draw")
 MAX_SIMULATION_BYTES = 8 * 2**30
 
 
+def _f(default, help_text: str, **meta):
+  return dataclasses.field(default=default, metadata={"help": help_text, **meta})
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureLearningConfig:
   """The notebook's parameters (its defaults).
@@ -123,17 +127,18 @@ class FeatureLearningConfig:
   any of cold, warm, ideal; guess: "expectation" or "draw" for unexplained
   test points.
   """
-  classes: int = 2
-  features: int = 50
-  p_max: float = 0.2
-  points: int = 1000
-  experiments: int = 50
-  gamma: int = 50
-  tau: int = 3
-  seeds: int = 10
-  test_points: int = 10000
-  methods: tuple = METHODS
-  guess: str = "expectation"
+  classes: int = _f(2, "C: number of classes")
+  features: int = _f(50, "F: features per class")
+  p_max: float = _f(0.2, "feature probabilities are drawn from U(0, p_max), in (0, 1]")
+  points: int = _f(1000, "N: points arriving per experiment (a multiple of --classes)")
+  experiments: int = _f(50, "J: number of experiments")
+  gamma: int = _f(50, "a feature is learned once this many candidate points hold it")
+  tau: int = _f(3, "a point holding this many learned features has zero gradient")
+  seeds: int = _f(10, "number of seeds (0 .. seeds - 1)")
+  test_points: int = _f(10000, "test points per seed (a multiple of --classes)")
+  methods: tuple[str, ...] = _f(METHODS, "methods to compare: cold, warm, ideal")
+  guess: str = _f("expectation", "unexplained test points: expectation (score 1/C) or draw "
+                  "(Bernoulli(1/C))", choices=GUESSES)
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)

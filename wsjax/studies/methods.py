@@ -64,8 +64,9 @@ class StageContext:
 
 @functools.lru_cache(maxsize=None)
 def vmapped_opt_init(tx):
-  """`tx.init` over a leading replica axis, jitted once per optimizer."""
-  return jax.jit(jax.vmap(tx.init))
+  """`tx.init` over a leading replica axis, jitted once per optimizer; the
+  result replicated like every state (so the block program sees one layout)."""
+  return jax.jit(jax.vmap(tx.init), out_shardings=parallel.replicated())
 
 
 def reset_opt_states(states, tx):
