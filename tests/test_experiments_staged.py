@@ -222,6 +222,8 @@ def test_warm_start_source_mismatch_lists_paths(reference_run, env, tmp_path):
     (["--no_such_flag=1"], "unknown command line flag"),
     (["--host_devices=2", "--seed_devices=3"], "seed_devices=3 does not divide the 2 devices"),
     (["--host_devices=-1"], "must be >= 0"),
+    (["--dataset=digits", "--model=conv1d"], "takes 1-D signals"),
+    (["--lr_schedule=cosine", "--decay_steps=x"], "is not an int"),
 ])
 def test_bad_input_is_one_line_and_exit_2(env, tmp_path, extra, message):
   workdir = tmp_path / "w"
@@ -231,6 +233,18 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path, extra, message):
   assert lines[-1].startswith("error: ") and message.lower() in lines[-1].lower(), lines[-1]
   assert "Traceback" not in p.stderr
   assert not (workdir / "results.json").exists()
+
+
+@pytest.mark.parametrize("model,dataset,message", [
+    ("--model=resnet18", "--dataset=mnist1d", "takes images (height, width, channels)"),
+    ("--model=conv1d", "--dataset=digits", "takes 1-D signals (length, channels)")])
+def test_a_model_that_does_not_fit_the_data_is_one_line(env, tmp_path, model, dataset, message):
+  p = run_cli("experiments.warm_start", model, dataset, "--seeds=1", "--batch_size=64",
+              f"--workdir={tmp_path}", "--compilation_cache_dir=", env=env[0])
+  assert p.returncode == 2, p.stderr[-2000:]
+  lines = [l for l in p.stderr.strip().splitlines() if l.strip()]
+  assert lines[-1].startswith("error: ") and message in lines[-1] and "shape" in lines[-1], lines
+  assert "Traceback" not in p.stderr
 
 
 def test_sigterm_saves_a_checkpoint_and_resumes(reference_run, env, tmp_path):

@@ -96,3 +96,16 @@ def test_bad_method_values_are_refused():
                  methods=("shrink_perturb",)).validate()
   with pytest.raises(methods.UnknownMethodError, match="unknown method"):
     methods.check_method("magic")
+
+
+def test_a_model_without_sown_activations_gets_diagnostics_without_dead_relus(data_dir, tmp_path):
+  """logreg sows no ReLU activations: the study still records norms and DASH
+  cosines (it used to crash with KeyError: 'activations')."""
+  cfg = StagedConfig(model=ModelConfig(name="logreg"), data=DataConfig(data_dir=data_dir,
+                                                                       batch_size=64),
+                     seeds=2, threshold=0, max_epochs=1, methods=("cold", "dash"))
+  out = StagedStudy(cfg, str(tmp_path), RunnerConfig(progress=False)).run()
+  for m in out["methods"].values():
+    for stage in m["stages"]:
+      assert "dead_relu" not in stage and len(stage["param_norm"]) == 2
+      assert sum(stage["dash_cosine_hist"]["overall"]) > 0
