@@ -9,6 +9,7 @@
   DASH's cosines cos(W_group, -g) between the final weights and the EMA of
   the buffer's chunk gradients: what DASH would shrink by at this point.
 
+`StageDiagnostics` is the hook that records them at the end of a stage's run.
 The buffer is read in `max_examples`-sized padded rows (the largest buffer of
 the study), so every stage reuses one program; the DASH signal is the
 method's own compiled gradient pass (`wsjax.studies.methods.dash_signal`).
@@ -16,6 +17,7 @@ method's own compiled gradient pass (`wsjax.studies.methods.dash_signal`).
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ import numpy as np
 
 from wsjax import transforms as T
 from wsjax.analysis import plasticity
+from wsjax.core.loop import Hook
 from wsjax.studies import methods
 
 COSINE_BINS = 20
@@ -70,6 +73,24 @@ def _diagnostics(params, batch_stats, start, grads, x, idx, *, model, granularit
     hist[plasticity.OVERALL] = jnp.histogram(every, bins=edges)[0]
   out["dash_cosine_hist"] = hist
   return out
+
+
+class StageDiagnostics(Hook):
+  """The diagnostics of a stage's final states, as a hook: at the end of the
+  run, `loop.records["diagnostics"]` (`start_params()` gives the stage's
+  starting parameters, e.g. read from the run's `init` snapshot)."""
+
+  def __init__(self, model, start_params: Callable[[], Any], buffer, ctx: methods.StageContext,
+               dash: methods.Dash, max_examples: int):
+    self.model, self.start_params, self.buffer = model, start_params, buffer
+    self.ctx, self.dash, self.max_examples = ctx, dash, max_examples
+
+  def compute(self, states) -> dict:
+    return stage_diagnostics(self.model, states, self.start_params(), self.buffer, self.ctx,
+                             self.dash, self.max_examples)
+
+  def on_end(self, loop) -> None:
+    loop.records["diagnostics"] = self.compute(loop.states)
 
 
 def stage_diagnostics(model, states, start_params, buffer, ctx: methods.StageContext,

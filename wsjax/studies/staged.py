@@ -40,7 +40,7 @@ from wsjax import parallel
 from wsjax import results as results_lib
 from wsjax.core import store as store_lib
 from wsjax.core.data import TrainData
-from wsjax.core.hooks import Progress
+from wsjax.core.hooks import EvaluateEvery, Progress
 from wsjax.core.loop import Until
 from wsjax.core.optim import OptimizerConfig, make_optimizer
 from wsjax.core.runner import train_run
@@ -286,55 +286,45 @@ class StagedStudy:
             ref_run.load_snapshot("init", template))
       data = TrainData(s.x_train, s.y_train, self.schedule.stages[stage], cfg.data.batch_size,
                        salt=(stage,))
+      hooks = [Progress(bar if self.progress else None, f"{name} stage {stage + 1}"),
+               EvaluateEvery(0, {"test": (s.x_test, s.y_test)})]
+      if cfg.diagnostics:
+        hooks.append(self._diagnostics_hook(run, ctx))
       states, result = train_run(
           run, start_states=start_states, template=template, program=program, data=data,
-          until=cfg.until(), data_seeds=s.seeds, start=0, inputs=inputs,
-          hooks=[Progress(bar if self.progress else None, f"{name} stage {stage + 1}")],
-          checkpoint_every=self.runner.checkpoint_every, label=label, log=self.log,
-          extra_result=lambda st, run=run, ctx=ctx, program=program: self._evaluate(
-              st, run, ctx, program))
+          until=cfg.until(), data_seeds=s.seeds, start=0, inputs=inputs, hooks=hooks,
+          checkpoint_every=self.runner.checkpoint_every, label=label, log=self.log)
       if result["reused"]:
         self.log(f"[{name}] stage {stage + 1}: reusing finished run run_{run.hash} "
                  f"({_label_of(run)})")
-      if cfg.diagnostics and "dead_relu" not in result:
-        result.update(self._diagnostics(states, run, ctx))
-        run.update_result(**{k: result[k] for k in _DIAGNOSTIC_KEYS if k in result})
+      if cfg.diagnostics and "diagnostics" not in result["records"]:
+        # a run trained without diagnostics: compute them from its snapshots now
+        hook = self._diagnostics_hook(run, ctx)
+        result["records"]["diagnostics"] = hook.compute(states)
+        run.update_result(records=result["records"])
       records.append(self._record(result, stage))
       prev_states, prev_run = (states if method.continues else None), run
       bar.update(1)
     return records
 
-  def _evaluate(self, states, run, ctx, program) -> dict:
-    acc, loss = program.evaluate(states, self.setting.x_test, self.setting.y_test)
-    out = {"test_acc": [float(a) for a in acc], "test_loss": [float(v) for v in loss]}
-    if self.cfg.diagnostics:
-      out.update(self._diagnostics(states, run, ctx))
-    return out
-
-  def _diagnostics(self, states, run, ctx) -> dict:
-    from wsjax.studies import diagnostics
-    start = run.load_snapshot("init", self.setting.template()).params
-    biggest = max(len(b) for b in self.schedule.stages)
-    return diagnostics.stage_diagnostics(self.setting.model, states, start,
-                                         self.schedule.stages[ctx.stage], ctx, self.cfg.dash,
-                                         max_examples=biggest)
+  def _diagnostics_hook(self, run, ctx):
+    from wsjax.studies.diagnostics import StageDiagnostics
+    return StageDiagnostics(
+        self.setting.model, lambda: run.load_snapshot("init", self.setting.template()).params,
+        self.schedule.stages[ctx.stage], ctx, self.cfg.dash,
+        max_examples=max(len(b) for b in self.schedule.stages))
 
   def _record(self, result: dict, stage: int) -> dict:
+    evaluation = result["records"]["eval"][-1]
     record = {"n_train": int(len(self.schedule.stages[stage])),
               "train_acc": [float(a) for a in result["last_epoch_acc"]],
-              "test_acc": result["test_acc"],
+              "test_acc": evaluation["test_acc"],
               "steps": [int(x) for x in result["steps"]],
               "epochs": int(result["epochs_done"]),
               "wall_s": float(result["wall_s"]),
               "run": result["run"]}
-    for key in _DIAGNOSTIC_KEYS:
-      if key in result:
-        record[key] = result[key]
+    record.update(result["records"].get("diagnostics", {}))
     return record
-
-
-_DIAGNOSTIC_KEYS = ("param_norm", "dist_from_stage_start", "dead_relu", "dash_cosine_hist",
-                    "dash_cosine_bins")
 
 
 def _label_of(run) -> str:
