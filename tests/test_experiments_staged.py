@@ -126,13 +126,16 @@ def test_rerun_loads_finished_runs_and_a_changed_config_writes_new_runs_beside(
 
 
 def _stored(workdir, what):
-  """Run directories of a workdir holding `what` (DONE, or a checkpoint)."""
+  """Run directories of a workdir holding `what` (DONE, or a checkpoint of a
+  run not yet finished: a finished run deletes its checkpoints just after
+  writing DONE, so a checkpoint beside DONE is not mid-run)."""
   runs = workdir / "runs"
   if not runs.is_dir():
     return []
   if what == "checkpoint":
     return [d for d in runs.iterdir()
-            if (d / "checkpoints").is_dir() and any(c.name.isdigit() for c in (d / "checkpoints").iterdir())]
+            if (d / "checkpoints").is_dir() and not (d / "DONE").exists()
+            and any(c.name.isdigit() for c in (d / "checkpoints").iterdir())]
   return [d for d in runs.iterdir() if (d / what).exists()]
 
 
@@ -163,7 +166,8 @@ def test_kill_9_mid_run_then_resume_gives_identical_results(reference_run, env, 
   assert got["methods"] == want["methods"]  # bit-exact on the CPU
   # every run is complete: no mid-run checkpoints left, init and final kept
   runs = list((workdir / "runs").iterdir())
-  assert len(runs) == 5 and not _stored(workdir, "checkpoint")
+  assert len(runs) == 5
+  assert not [c for d in runs if (d / "checkpoints").is_dir() for c in (d / "checkpoints").iterdir()]
   for d in runs:
     assert (d / "DONE").exists() and sorted(x.name for x in (d / "snapshots").iterdir()) == [
         "final", "init"]
