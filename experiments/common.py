@@ -149,3 +149,27 @@ def write_results(workdir: str, study_id: str, out: dict,
     shutil.copyfile(os.path.join(home, name), tmp)
     os.replace(tmp, os.path.join(workdir, name))
   return names
+
+
+def given_flags() -> list[str]:
+  """Names of the flags set on the command line (presets fill the others)."""
+  return [name for name in FLAGS if FLAGS[name].present]
+
+
+def run_study(cfg, make_study: Callable, study_id: str, replicas: int,
+              table: Callable[[dict], str], plots: Callable[[dict, str], list[str]]) -> dict:
+  """The body every study program shares: validate the config, lay the
+  devices out for `replicas`, run `make_study(cfg, workdir, runner)` in
+  `--workdir`, write results.json and the plots, print the table. Returns
+  the study's results."""
+  runner = runner_from_flags()
+  cfg.validate()  # before the devices are laid out, so a bad config is one line
+  setup_jax(replicas)
+  study = make_study(cfg, FLAGS.workdir, runner)
+  check_workdir(FLAGS.workdir)
+  out = study.run()
+  names = write_results(FLAGS.workdir, study_id, out, plots)
+  if names:
+    print(table(out))
+    print(f"wrote {FLAGS.workdir}/results.json and {', '.join(names)}")
+  return out

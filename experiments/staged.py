@@ -11,17 +11,8 @@ from experiments import common
 def run(experiment: str, plots: Callable[[dict, str], list[str]]) -> None:
   from wsjax import results
   from wsjax.studies.staged import StagedConfig, StagedStudy, study_hash
-  FLAGS = common.FLAGS
   cfg = common.config_from_flags(StagedConfig, experiment=experiment)
-  runner = common.runner_from_flags()
-  common.setup_jax(cfg.seeds)
-  study = StagedStudy(cfg, FLAGS.workdir, runner)
-  common.check_workdir(FLAGS.workdir)
-  out = study.run()
-  names = common.write_results(FLAGS.workdir, study_hash(cfg), out, plots)
-  if names:
-    print(results.methods_table(out))
-    print(f"wrote {FLAGS.workdir}/results.json and {', '.join(names)}")
+  common.run_study(cfg, StagedStudy, study_hash(cfg), cfg.seeds, results.methods_table, plots)
 
 
 def standard_plots(out: dict, workdir: str, title: str) -> list[str]:
