@@ -84,21 +84,28 @@ class _StopAfter(Hook):
 
 
 def test_a_stopped_run_resumes_to_the_uninterrupted_result(data_dir, tmp_path):
+  """...and its records too: the checkpoint hook runs after the caller's
+  hooks at a boundary, so an evaluation made there is in the checkpoint."""
   s = toy_setting(data_dir)
-  whole, _ = _train(RunStore(tmp_path / "a"), s, {"x": 1}, end=40)
+  test = {"test": (s.x_test, s.y_test)}
+  whole, r_whole = _train(RunStore(tmp_path / "a"), s, {"x": 1}, end=40,
+                          hooks=[hooks_lib.EvaluateEvery(9, test)])
   store = RunStore(tmp_path / "b")
   try:
     with pytest.raises(Preempted):
-      _train(store, s, {"x": 1}, end=40, hooks=[_StopAfter(13)])
+      _train(store, s, {"x": 1}, end=40, hooks=[_StopAfter(13), hooks_lib.EvaluateEvery(9, test)])
   finally:
     hooks_lib.clear_stop()
   run = store.run({"x": 1})
-  # requested after the block ending at 18; the checkpoint hook sees it at the next block end
-  assert not run.done and run.latest_checkpoint() == 20
-  resumed, result = _train(store, s, {"x": 1}, end=40)
+  # requested at the end of the block ending at 18, seen there by the checkpoint hook
+  assert not run.done and run.latest_checkpoint() == 18
+  resumed, result = _train(store, s, {"x": 1}, end=40, hooks=[hooks_lib.EvaluateEvery(9, test)])
   assert not result["reused"] and result["steps"] == [40, 40]
   for a, b in zip(_leaves(whole), _leaves(resumed)):
     np.testing.assert_array_equal(a, b)
+  steps = [e["step"] for e in r_whole["records"]["eval"]]
+  assert 18 in steps  # an evaluation at the checkpoint's boundary
+  assert result["records"]["eval"] == r_whole["records"]["eval"]
 
 
 _SAME_RUN = textwrap.dedent("""

@@ -61,9 +61,13 @@ def train_run(run: Run, *, start_states: Callable[[], Any], template: Any, progr
     checkpoint = hooks_lib.Checkpoint(
         lambda loop: run.save_checkpoint(loop.states, loop.position), checkpoint_every,
         where=run.dir)
-    all_hooks = [checkpoint, *hooks]
+    # the checkpoint hook runs last at a boundary, so what the other hooks
+    # record there (an evaluation, a snapshot) is in the checkpoint: a resumed
+    # run's records equal the uninterrupted run's
+    all_hooks = [*hooks]
     if snapshot_steps:
       all_hooks.append(hooks_lib.SaveSnapshots(snapshot_steps, run.save_snapshot))
+    all_hooks.append(checkpoint)
     states, position = train(states, program, data, until, data_seeds=data_seeds, start=start,
                              inputs=inputs, hooks=all_hooks, position=position,
                              on_divergence=on_divergence, label=label)
