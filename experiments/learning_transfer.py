@@ -151,20 +151,13 @@ def plots(out: dict, workdir: str) -> list[str]:
 def run() -> None:
   from wsjax.studies.learning_transfer import (LearningTransferStudy, apply_preset,
                                                model_defaults, study_hash)
-  given = [name for name in FLAGS if FLAGS[name].present]
+  given = common.given_flags()
   cfg = apply_preset(common.config_from_flags(LearningTransferConfig), PRESETS, FLAGS.preset,
                      given)
   cfg = model_defaults(cfg, given)
-  runner = common.runner_from_flags()
   cfg.validate()
-  common.setup_jax(max(2, len(cfg.methods) + 1) * cfg.seeds)
-  study = LearningTransferStudy(cfg, FLAGS.workdir, runner)
-  common.check_workdir(FLAGS.workdir)
-  out = study.run()
-  names = common.write_results(FLAGS.workdir, study_hash(cfg), out, plots)
-  if names:
-    print(table(out))
-    print(f"wrote {FLAGS.workdir}/results.json and {', '.join(names)}")
+  common.run_study(cfg, LearningTransferStudy, study_hash(cfg),
+                   max(2, len(cfg.methods) + 1) * cfg.seeds, table, plots)
 
 
 def main(argv):

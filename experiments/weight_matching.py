@@ -74,16 +74,8 @@ def plots(out: dict, workdir: str) -> list[str]:
 def run() -> None:
   from wsjax.studies.weight_matching import WeightMatchingStudy, study_hash
   cfg = common.config_from_flags(WeightMatchingConfig)
-  runner = common.runner_from_flags()
   cfg.validate()
-  common.setup_jax(2 * cfg.seeds)
-  study = WeightMatchingStudy(cfg, FLAGS.workdir, runner)
-  common.check_workdir(FLAGS.workdir)
-  out = study.run()
-  names = common.write_results(FLAGS.workdir, study_hash(cfg), out, plots)
-  if names:
-    print(table(out))
-    print(f"wrote {FLAGS.workdir}/results.json and {', '.join(names)}")
+  common.run_study(cfg, WeightMatchingStudy, study_hash(cfg), 2 * cfg.seeds, table, plots)
 
 
 def main(argv):
