@@ -53,7 +53,6 @@ from wsjax.core import store as store_lib
 from wsjax.core.hooks import Progress
 from wsjax.core.loop import Until
 from wsjax.core.runner import train_run
-from wsjax.core.step import Step
 from wsjax.core.task import Classification, Task
 from wsjax.studies import lottery
 from wsjax.studies.common import _f
@@ -193,8 +192,7 @@ class InstabilityStudy:
                          for m in METRICS}}
 
   def _record(self, k: int, result: dict) -> dict:
-    per_epoch = self.ctx.train_data().steps_per_epoch
-    out = {"rewind_step": int(k), "rewind": str(Step(int(k), per_epoch)),
+    out = {"rewind_step": int(k), "rewind": self.ctx.step_names[k],
            "run": result["run"], "wall_s": float(result.get("wall_s", 0.0)),
            "test_acc": result["test_acc"], "steps": [int(x) for x in result["steps"]],
            "alphas": result["alphas"], "barrier": {}, "path": {}}

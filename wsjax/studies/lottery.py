@@ -55,8 +55,12 @@ from there). Draws are keyed by (seed, variant, level, k): `seed_keys(seeds,
 SALT_VARIANT, code, level, k)`, code = the variant's index in `VARIANTS`.
 
 A subnetwork MATCHES the dense network when its mean test accuracy over
-seeds is at least the dense mean (level 0 of its lineage) minus one
-standard deviation over seeds (ddof 0).
+seeds is at least the dense mean minus one standard deviation over seeds
+(ddof 0), the dense network being the unpruned network trained normally,
+0 -> T (the paper's gray band; the level 0 of plain rewinding to k = 0, a
+run of its own when k = 0 is not a rewind step). Each lineage's level 0
+(the dense network trained from theta_k with a fresh optimizer, open_lth's
+level 0) is reported beside it.
 """
 from __future__ import annotations
 
@@ -86,7 +90,7 @@ from wsjax.studies.pretrain import EarlyPhase, EarlyPhaseConfig, RewindPoints, r
 VARIANTS = ("imp", "random_pruning", "random_reinit", "sign_preserving", "shuffle",
             "shuffle_keep_signs", "noise")  # append only: a variant's index keys its draws
 CONTROLS = ("random_pruning", "random_reinit")
-DEFAULT_VARIANTS = ("imp", "random_pruning", "random_reinit", "sign_preserving", "shuffle")
+DEFAULT_VARIANTS = ("imp", "random_pruning", "random_reinit")
 SALT_VARIANT = 11
 MASKED = Classification(masked=True)
 
@@ -275,6 +279,7 @@ class Lineage:
       mine = slice(i * n, (i + 1) * n)
       out["variants"][v] = {**summarize(result["test_acc"][mine]),
                             "test_acc": result["test_acc"][mine],
+                            "train_acc": result["last_epoch_acc"][mine],
                             "steps": [int(x) for x in result["steps"][mine]],
                             "density": result["density"][mine]}
     return out
@@ -370,6 +375,15 @@ class LotteryStudy:
                     cfg.noise_factor)
             for kind in cfg.pretrain.kinds for k in ctx.rewind_points(kind)]
 
+  def dense_reference(self) -> dict:
+    """The dense network trained 0 -> T (plain training, k = 0, level 0),
+    the reference every subnetwork is compared with: trained here unless
+    a k = 0 lineage trains it (the same run)."""
+    ctx = self.ctx
+    points = ctx.points.get("none") or RewindPoints(ctx, "none", ())
+    rec = Lineage(ctx, points, 0, ("imp",), self.cfg.prune_fraction).run_level(0)
+    return {**summarize(rec["variants"]["imp"]["test_acc"]), "run": rec["run"]}
+
   def run(self) -> dict:
     cfg, ctx = self.cfg, self.ctx
     out = {"experiment": cfg.experiment, "config": config_lib.to_dict(cfg),
@@ -381,27 +395,27 @@ class LotteryStudy:
     ctx.bar = tqdm.tqdm(total=len(lineages) * (cfg.levels + 1), desc="levels", unit="run",
                         disable=not ctx.progress, dynamic_ncols=True)
     try:
+      out["dense"] = self.dense_reference()
       for lineage in lineages:
-        out["lineages"].append(self._run_lineage(lineage))
+        out["lineages"].append(self._run_lineage(lineage, out["dense"]))
     finally:
       ctx.bar.close()
     return out
 
-  def _run_lineage(self, lineage: Lineage) -> dict:
+  def _run_lineage(self, lineage: Lineage, dense: dict) -> dict:
     cfg, ctx = self.cfg, self.ctx
     levels = []
     for level in range(cfg.levels + 1):
       hooks = [Progress(ctx.bar if ctx.progress else None, f"{lineage.label} level {level}")]
       levels.append(lineage.run_level(level, hooks=hooks))
       ctx.bar.update(1)
-    dense = summarize(levels[0]["variants"]["imp"]["test_acc"])
     for rec in levels:
       for acc in rec["variants"].values():
         acc["matches"] = matches(acc, dense)
     return {"pretrain": lineage.points.kind, "rewind_step": lineage.k,
-            "rewind": _step_name(lineage.k, ctx.train_data().steps_per_epoch),
-            "dense": dense, "matching": matching_summary(levels, lineage.variants),
-            "levels": levels}
+            "rewind": ctx.step_names[lineage.k],
+            "dense_from_k": summarize(levels[0]["variants"]["imp"]["test_acc"]),
+            "matching": matching_summary(levels, lineage.variants), "levels": levels}
 
 
 def matching_summary(levels: Sequence[dict], variants: Sequence[str]) -> dict:
@@ -418,11 +432,6 @@ def matching_summary(levels: Sequence[dict], variants: Sequence[str]) -> dict:
         break
     out[v] = {"level": deepest, "density": levels[deepest]["density"]}
   return out
-
-
-def _step_name(k: int, per_epoch: int) -> str:
-  from wsjax.core.step import Step
-  return str(Step(int(k), per_epoch))
 
 
 def study_hash(cfg: LotteryConfig) -> str:

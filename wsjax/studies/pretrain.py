@@ -403,6 +403,7 @@ class EarlyPhase:
     self.runner = runner
     dataset = cfg.data.load()
     self.total_steps, self.ks = cfg.steps(len(dataset.y_train))
+    self.step_names = dict(zip(self.ks, cfg.rewind_steps))  # k -> the step string given
     check_pretraining(cfg, dataset.input_shape, self.ks)
     if not runner.seed_devices:  # lay the devices out for the largest group, not the seeds
       runner = dataclasses.replace(
