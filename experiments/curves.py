@@ -83,18 +83,10 @@ def plots(out: dict, workdir: str) -> list[str]:
 
 def run() -> None:
   from wsjax.studies.curves import CurvesStudy, study_hash
-  FLAGS = common.FLAGS
   cfg = common.config_from_flags(CurvesConfig)
-  runner = common.runner_from_flags()
   cfg.validate()
-  common.setup_jax(2 * cfg.pairs if cfg.start is None else 2)
-  study = CurvesStudy(cfg, FLAGS.workdir, runner)
-  common.check_workdir(FLAGS.workdir)
-  out = study.run()
-  names = common.write_results(FLAGS.workdir, study_hash(cfg), out, plots)
-  if names:
-    print(table(out))
-    print(f"wrote {FLAGS.workdir}/results.json and {', '.join(names)}")
+  common.run_study(cfg, CurvesStudy, study_hash(cfg), 2 * cfg.pairs if cfg.start is None else 2,
+                   table, plots)
 
 
 def main(argv):

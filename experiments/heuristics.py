@@ -249,18 +249,10 @@ def distillation_plots(out: dict, workdir: str) -> list[str]:
 
 def run() -> None:
   from wsjax.studies.heuristics import HeuristicsStudy, replicas, study_hash
-  given = [name for name in FLAGS if FLAGS[name].present]
-  cfg = with_study_defaults(common.config_from_flags(HeuristicsConfig), given, FLAGS.preset)
-  runner = common.runner_from_flags()
+  cfg = with_study_defaults(common.config_from_flags(HeuristicsConfig), common.given_flags(),
+                            FLAGS.preset)
   cfg.validate()
-  common.setup_jax(replicas(cfg))
-  study = HeuristicsStudy(cfg, FLAGS.workdir, runner)
-  common.check_workdir(FLAGS.workdir)
-  out = study.run()
-  names = common.write_results(FLAGS.workdir, study_hash(cfg), out, plots)
-  if names:
-    print(table(out))
-    print(f"wrote {FLAGS.workdir}/results.json and {', '.join(names)}")
+  common.run_study(cfg, HeuristicsStudy, study_hash(cfg), replicas(cfg), table, plots)
 
 
 def main(argv):
