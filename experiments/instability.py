@@ -108,17 +108,9 @@ def run() -> None:
   from wsjax.studies.instability import InstabilityStudy, study_hash
   from wsjax.studies.pretrain import apply_preset
   cfg = apply_preset(common.config_from_flags(InstabilityConfig), FLAGS.preset,
-                     [name for name in FLAGS if FLAGS[name].present])
-  runner = common.runner_from_flags()
+                     common.given_flags())
   cfg.validate()
-  common.setup_jax(cfg.seeds * cfg.copies)
-  study = InstabilityStudy(cfg, FLAGS.workdir, runner)
-  common.check_workdir(FLAGS.workdir)
-  out = study.run()
-  names = common.write_results(FLAGS.workdir, study_hash(cfg), out, plots)
-  if names:
-    print(table(out))
-    print(f"wrote {FLAGS.workdir}/results.json and {', '.join(names)}")
+  common.run_study(cfg, InstabilityStudy, study_hash(cfg), cfg.seeds * cfg.copies, table, plots)
 
 
 def main(argv):

@@ -120,18 +120,10 @@ def plots(out: dict, workdir: str) -> list[str]:
 def run() -> None:
   from wsjax.studies.lottery import LotteryStudy, level_variants, study_hash
   from wsjax.studies.pretrain import apply_preset
-  cfg = apply_preset(common.config_from_flags(LotteryConfig), FLAGS.preset,
-                     [name for name in FLAGS if FLAGS[name].present])
-  runner = common.runner_from_flags()
+  cfg = apply_preset(common.config_from_flags(LotteryConfig), FLAGS.preset, common.given_flags())
   cfg.validate()
-  common.setup_jax(len(level_variants(cfg.variants, 1)) * cfg.seeds)
-  study = LotteryStudy(cfg, FLAGS.workdir, runner)
-  common.check_workdir(FLAGS.workdir)
-  out = study.run()
-  names = common.write_results(FLAGS.workdir, study_hash(cfg), out, plots)
-  if names:
-    print(table(out))
-    print(f"wrote {FLAGS.workdir}/results.json and {', '.join(names)}")
+  common.run_study(cfg, LotteryStudy, study_hash(cfg),
+                   len(level_variants(cfg.variants, 1)) * cfg.seeds, table, plots)
 
 
 def main(argv):
