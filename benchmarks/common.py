@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import multiprocessing as mp
 import os
@@ -55,18 +56,11 @@ def environment() -> dict:
          "machine": platform.machine(), "processor": _cpu_model(), "cores": cpu_count(),
          "load_average_start": list(load_average()),
          "xla_flags": os.environ.get("XLA_FLAGS", "")}
-  try:
-    import jax
-    env["jax"] = jax.__version__
-    import jaxlib
-    env["jaxlib"] = jaxlib.__version__
-  except ImportError:  # pragma: no cover
-    pass
-  try:
-    import torch
-    env["torch"] = torch.__version__
-  except ImportError:
-    env["torch"] = None
+  for package in ("jax", "jaxlib", "flax", "optax", "torch"):  # without importing them
+    try:
+      env[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      env[package] = None
   return env
 
 

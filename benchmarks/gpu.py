@@ -8,7 +8,9 @@ the model's compute dtype, `get_model("resnet18", 10, dtype="bfloat16")`,
 mixed precision with float32 parameters, optimizer state and BatchNorm
 statistics) and PyTorch eager and `torch.compile` (bfloat16:
 `torch.autocast`), both channels-last. FLOPs per step come from XLA's cost
-analysis of the wsjax float32 step and are used for every side; MFU =
+analysis of the wsjax float32 step lowered for the CPU (before
+optimization: on a GPU the lowered program has no count and the compiled
+one misses the cuDNN convolutions) and are used for every side; MFU =
 FLOP/s / the peak of the dtype (`--peak_tflops` for bfloat16,
 `--peak_tflops_fp32` for float32, which XLA and cuDNN run as TF32 on
 tensor cores by default). Without a GPU (for jax or torch) it says so and
@@ -51,25 +53,38 @@ def _time(fn, steps: int, sync) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def _wsjax(batch: int, steps: int, bf16: bool):
-  """Seconds per step and XLA's FLOPs per step of wsjax's ResNet-18 step."""
+def _flops(train_step, state, x, y) -> float:
+  """XLA's FLOP count of one step, from the program lowered for the CPU
+  (before optimization). On a GPU the lowered program has no count and the
+  compiled one leaves out the convolutions (cuDNN custom calls)."""
   import jax
-  from wsjax.models import get_model
-  from wsjax.train.optim import OptimizerConfig, make_optimizer
-  from wsjax.train.state import create_state, make_variables_init
-  from wsjax.train.steps import make_train_step
+  cpu = jax.devices("cpu")[0]
+  args = jax.device_put((state, x, y), cpu)
+  cost = jax.jit(train_step).lower(*args, {}).cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+def _wsjax(batch: int, steps: int, bf16: bool):
+  """Seconds per step and XLA's FLOPs per step of wsjax's ResNet-18 step
+  (`wsjax.core.program.make_train_step`, jitted, the state donated)."""
+  import jax
+  from wsjax.core.optim import OptimizerConfig, make_optimizer
+  from wsjax.core.program import make_train_step
+  from wsjax.core.state import create_state
+  from wsjax.core.task import Task
+  from wsjax.models import get_model, make_init_fn
   model = get_model("resnet18", 10, dtype="bfloat16" if bf16 else "float32")
   tx = make_optimizer(OptimizerConfig(name="sgd", lr=0.1, momentum=0.9))
-  box = {"s": jax.jit(lambda k: create_state(make_variables_init(model, (32, 32, 3)), tx, k))(
-      jax.random.PRNGKey(0))}
+  init = make_init_fn(model, (32, 32, 3))
+  box = {"s": jax.jit(lambda k: create_state(init, tx, k))(jax.random.PRNGKey(0))}
   x = jax.random.normal(jax.random.PRNGKey(1), (batch, 32, 32, 3))
   y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 10)
-  step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
-  flops = step.lower(box["s"], x, y, None).compile().cost_analysis()
-  flops = (flops[0] if isinstance(flops, list) else flops)["flops"]
+  train_step = make_train_step(model, tx, Task())
+  flops = _flops(train_step, box["s"], x, y)
+  step = jax.jit(train_step, donate_argnums=(0,))
 
   def one():
-    box["s"], _ = step(box["s"], x, y, None)
+    box["s"], _ = step(box["s"], x, y, {})
   sec = _time(one, steps, lambda: jax.block_until_ready(box["s"]))
   return sec, flops
 

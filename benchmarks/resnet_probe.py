@@ -35,13 +35,12 @@ class LaxResNet:
     import jax
     import jax.numpy as jnp
     import optax
-    from wsjax.models import get_model
-    from wsjax.train.state import make_variables_init
+    from wsjax.models import get_model, make_init_fn
 
     if layout not in ("NHWC", "NCHW"):
       raise ValueError(f"layout must be NHWC or NCHW, got {layout!r}")
     init_key, _ = jax.random.split(jax.random.PRNGKey(0))  # as create_state
-    variables = jax.jit(make_variables_init(get_model("resnet18", 10), (32, 32, 3)))(init_key)
+    variables = jax.jit(make_init_fn(get_model("resnet18", 10), (32, 32, 3)))(init_key)
     params, stats = variables["params"], variables["batch_stats"]
     if layout == "NCHW":  # HWIO -> OIHW kernels
       params = jax.tree_util.tree_map_with_path(

@@ -4,6 +4,11 @@
     python -m benchmarks.run --quick            # a short smoke run (~3 min on 2 cores)
     python -m benchmarks.run --only=throughput,seeds
     python -m benchmarks.run --only=resnet_probe   # ResNet-18 CPU investigation
+    python -m benchmarks.run --only=core --baseline=/tmp/wsjax-644b3fb  # the core refactor, before/after
+
+Not run by default: resnet_probe, transforms_cost, weight_matching,
+similarity, lottery, transfer, core (`--baseline` is the pre-refactor checkout it compares
+against: `git worktree add /tmp/wsjax-644b3fb 644b3fb`; see benchmarks/core.py).
 
 Each benchmark prints a table; BENCHMARKS.md records the numbers measured
 with these commands. The PyTorch reference is an optional extra
@@ -25,6 +30,12 @@ BENCHMARKS = {
     "seeds": ("benchmarks.seeds", True),
     "gpu": ("benchmarks.gpu", True),
     "resnet_probe": ("benchmarks.resnet_probe", False),
+    "transforms_cost": ("benchmarks.transforms_cost", False),
+    "weight_matching": ("benchmarks.weight_matching", False),
+    "similarity": ("benchmarks.similarity", False),
+    "core": ("benchmarks.core", False),
+    "lottery": ("benchmarks.lottery", False),
+    "transfer": ("benchmarks.transfer", False),
 }
 
 
@@ -35,6 +46,9 @@ def main(argv=None) -> int:
   parser.add_argument("--only", default="", help="comma-separated benchmark names: "
                       + ", ".join(BENCHMARKS))
   parser.add_argument("--out", default=common.RESULTS_DIR, help="where NAME.json files go")
+  parser.add_argument("--baseline", default=None,
+                      help="core: the pre-refactor checkout (default: $WSJAX_BASELINE, else "
+                      "/tmp/wsjax-644b3fb)")
   args = parser.parse_args(argv)
   names = [n.strip() for n in args.only.split(",") if n.strip()]
   unknown = [n for n in names if n not in BENCHMARKS]
@@ -47,7 +61,8 @@ def main(argv=None) -> int:
   for name in names:
     module = importlib.import_module(BENCHMARKS[name][0])
     t0 = time.perf_counter()
-    result = module.run(quick=args.quick)
+    kwargs = {"baseline": args.baseline} if name == "core" and args.baseline else {}
+    result = module.run(quick=args.quick, **kwargs)
     result["wall_s"] = time.perf_counter() - t0
     result["environment"]["load_average_end"] = list(common.load_average())
     suffix = "_quick" if args.quick else ""

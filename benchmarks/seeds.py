@@ -1,11 +1,12 @@
 """Seeds side by side: wsjax trains 8 vmapped seeds vs 1 seed, same steps.
 
-`Stepper` blocks of 32 steps (batch 128, SGD) on MNIST-1D for the 1-D
-ConvNet and the MLP, with 1 seed and with 8 seeds in one compiled program,
-each with wsjax's default layout (one CPU device per core, at most one per
-seed: 1 device for 1 seed, the seeds spread over all cores for 8), and 8
-seeds forced onto 1 device for comparison.
-Both run the same number of steps (each of the 8 seeds takes every step),
+The training core's loop (`wsjax.core.loop.train` over a `Program` with
+blocks of 32 steps; batch 128, SGD) on MNIST-1D for the 1-D ConvNet and the
+MLP (`benchmarks.throughput.JaxSmall`), with 1 seed and with 8 seeds as
+replicas of one compiled program, each with wsjax's default layout (one
+CPU device per core, at most one per seed: 1 device for 1 seed, the seeds
+spread over all cores for 8), and 8 seeds forced onto 1 device for
+comparison. Both run the same number of steps (each of the 8 seeds takes every step),
 alternating after warm-up; the wall-time ratio t(8 seeds) / t(1 seed) says
 what a seed costs when it rides along (8.0: no gain over running the seeds
 one after another; 1.0: free).

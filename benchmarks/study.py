@@ -1,4 +1,4 @@
-"""The DASH chunked protocol on MNIST-1D end to end: wsjax `Study` vs PyTorch.
+"""The DASH chunked protocol on MNIST-1D end to end: wsjax's staged study vs PyTorch.
 
 The protocol (Shin et al., 2024, the official code's `main.py`): the 4,000
 MNIST-1D training examples arrive in 10 equal chunks; at every chunk each
@@ -9,16 +9,23 @@ optimizer per chunk), warm (keep both), dash (gradient EMA over the chunks
 in eval mode, then cosine shrink per kernel slice / unit / bias); 5 seeds;
 the 1-D ConvNet.
 
-* wsjax: `Study(StudyConfig(...)).run()` as the experiment programs run it
-  (5 seeds vmapped and spread over one CPU device per core, blocks of 32
-  steps, orbax checkpoints at every stage end, the first stage trained once
-  for the methods that start it alike), from loading the data to the results, in a fresh process, so XLA
-  compilation is included; the time spent tracing, lowering and compiling
-  is also measured on its own (jax.monitoring), and the time in train
-  blocks, evaluation, checkpoints and diagnostics (each including the
-  compilation it triggers). The headline runs have `diagnostics=False`, the
-  same work as the reference; one more run has the Study's default
-  per-stage plasticity diagnostics on.
+* wsjax: `StagedStudy(StagedConfig(...), workdir, RunnerConfig(...)).run()`
+  (`wsjax.studies.staged`) as the experiment programs run it (5 seeds
+  vmapped and spread over one CPU device per core, blocks of 32 steps,
+  every stage a stored run with its `init` and `final` snapshots, the first
+  stage trained once for the methods that start it alike), from loading the
+  data to the results, in a fresh process and a fresh workdir (a finished
+  run in the store would be loaded, not retrained), so XLA compilation is
+  included. The time spent tracing, lowering and compiling is also measured
+  on its own (`jax.monitoring`), and where the rest goes: the training loops
+  (each run's own `wall_s`, which the core's loop records; the first stage
+  counted once), the per-stage diagnostics and the snapshot saves (every
+  run's `init` and `final`), the last two by timing the public functions
+  `wsjax.studies.diagnostics.stage_diagnostics` and
+  `wsjax.core.store.Run.save_snapshot` in the worker process; each part
+  includes the compilation it triggers. The headline runs have
+  `diagnostics=False`, the same work as the reference; one more run has the
+  study's default per-stage plasticity diagnostics on.
 * PyTorch: `benchmarks.torch_reference.run_chunked_study`, the official
   loop: one seed at a time, `DataLoader(ConcatDataset(buffer), 128,
   shuffle=True)`, eager steps with `.item()` per step, DASH as in
@@ -32,6 +39,7 @@ its own process.
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 
@@ -49,24 +57,25 @@ def protocol(quick: bool) -> dict:
 
 
 class JaxStudy:
-  """Runs the protocol with `wsjax.train.study.Study` (one run per process)."""
+  """Runs the protocol with `wsjax.studies.staged.StagedStudy` (one run per process)."""
 
   def __init__(self, seeds: int):
     import jax  # noqa: F401  (import time is not part of the measurement)
-    import wsjax.train.study  # noqa: F401
+    import wsjax.studies.staged  # noqa: F401
     from wsjax import parallel
     # as the experiment programs do: one CPU device per core, at most one per seed
     self.info = {"host_devices": parallel.use_cpu_devices(0, at_most=seeds)}
 
   def run(self, p: dict, diagnostics: bool = False) -> dict:
-    """One whole study; `diagnostics` turns on the per-stage plasticity
-    diagnostics (the Study's default; the PyTorch reference has none)."""
+    """One whole study in a fresh workdir; `diagnostics` turns on the
+    per-stage plasticity diagnostics (the study's default; the PyTorch
+    reference has none)."""
     from jax import monitoring
-    from wsjax import checkpoint
-    from wsjax.train import steps
-    from wsjax.train.optim import OptimizerConfig
-    from wsjax.train.stopping import StoppingRule
-    from wsjax.train.study import Study, StudyConfig
+    from wsjax.core import store
+    from wsjax.core.optim import OptimizerConfig
+    from wsjax.studies import diagnostics as diagnostics_lib
+    from wsjax.studies.common import DataConfig, ModelConfig, RunnerConfig
+    from wsjax.studies.staged import ArrivalConfig, StagedConfig, StagedStudy
 
     compile_events, by_function = {}, {}
 
@@ -78,37 +87,33 @@ class JaxStudy:
         n, total = by_function.get(fun, (0, 0.0))
         by_function[fun] = (n + 1, total + seconds)
     monitoring.register_event_duration_secs_listener(listen)
-    # Where the time goes (each part includes the compilation it triggers).
     parts = {}
-    _time_calls(parts, "train_blocks", steps.Stepper, "train_block")
-    _time_calls(parts, "evaluate", steps.Stepper, "evaluate")
-    _time_calls(parts, "checkpoint_save", checkpoint, "save")
-    try:
-      from wsjax.train import diagnostics as diag_lib
-      _time_calls(parts, "diagnostics", diag_lib, "stage_diagnostics")
-    except ImportError:
-      pass
-    cfg = StudyConfig(
-        experiment="benchmark_study", dataset=p["dataset"], model=p["model"],
+    _time_calls(parts, "diagnostics", diagnostics_lib, "stage_diagnostics")
+    _time_calls(parts, "snapshots", store.Run, "save_snapshot")  # `init` and `final` (finish)
+    cfg = StagedConfig(
+        experiment="benchmark_study", model=ModelConfig(name=p["model"]),
+        data=DataConfig(dataset=p["dataset"], batch_size=p["batch_size"]),
         optimizer=OptimizerConfig(name="sgd", lr=p["lr"], momentum=p["momentum"]),
-        batch_size=p["batch_size"], schedule="chunks",
-        schedule_kwargs=(("n_chunks", p["n_chunks"]),), methods=tuple(p["methods"]),
-        seeds=p["seeds"], data_seed=p["data_seed"],
-        stopping=StoppingRule(threshold=p["threshold"], max_epochs=p["max_epochs"]),
-        diagnostics=diagnostics)
+        arrivals=ArrivalConfig(schedule="chunks", chunks=p["n_chunks"], data_seed=p["data_seed"]),
+        methods=tuple(p["methods"]), seeds=p["seeds"], threshold=p["threshold"],
+        max_epochs=p["max_epochs"], diagnostics=diagnostics)
+    runner = RunnerConfig(block_steps=32, checkpoint_every=0, progress=False)
     with tempfile.TemporaryDirectory(prefix="wsjax-bench-") as workdir:
       t0 = time.perf_counter()
-      out = Study(cfg, workdir, progress=False, log=lambda s: None).run()
+      out = StagedStudy(cfg, workdir, runner, log=lambda s: None).run()
       wall = time.perf_counter() - t0
-    methods = {}
+    methods, loops = {}, {}
     for m, r in out["methods"].items():
       methods[m] = {"final_test_acc": r["final_test_acc"]["mean"],
                     "total_steps": float(np.sum(r["total_steps"]["per_seed"])),
                     "epochs_per_stage": [s["epochs"] for s in r["stages"]]}
+      for stage in r["stages"]:  # a run shared by several methods counts once
+        loops[stage["run"]] = stage["wall_s"]
+    parts["train_loops"] = float(sum(loops.values()))
     return {"wall_s": wall, "diagnostics": diagnostics, "environment": out["environment"],
             "compile_s": sum(compile_events.values()),
             "compile_events_s": compile_events,
-            "parts_s": parts,
+            "parts_s": parts, "runs_trained": len(loops),
             "backend_compile_by_function": {
                 f: {"count": n, "seconds": t} for f, (n, t) in
                 sorted(by_function.items(), key=lambda kv: -kv[1][1])},
@@ -116,12 +121,12 @@ class JaxStudy:
 
 
 def _time_calls(totals: dict, name: str, owner, attr: str) -> None:
-  """Wraps `owner.attr` (in this worker process only) to add its time to totals[name]."""
-  fn = getattr(owner, attr, None)
-  if fn is None:
-    return
+  """Wraps the public `owner.attr` (in this worker process only) to add its
+  wall time to totals[name]."""
+  fn = getattr(owner, attr)
   totals.setdefault(name, 0.0)
 
+  @functools.wraps(fn)
   def wrapper(*args, **kwargs):
     t0 = time.perf_counter()
     try:
@@ -231,12 +236,12 @@ def report(result: dict) -> str:
     seed_steps = sum(m["total_steps"] for m in result["runs"][side][0]["methods"].values())
     rows.append([side, len(result["runs"][side]), s[side]["wall_s"], s[side].get("compile_s"),
                  1000 * s[side].get("wall_minus_compile_s", s[side]["wall_s"]) / seed_steps,
-                 s[side].get("wall_minus_compile_s"), parts.get("train_blocks"),
-                 parts.get("diagnostics"), parts.get("checkpoint_save"),
+                 s[side].get("wall_minus_compile_s"), parts.get("train_loops"),
+                 parts.get("diagnostics"), parts.get("snapshots"),
                  s[side]["peak_rss_mb"]])
   lines.append(common.table(rows, ["side", "runs", "wall s", "compile s", "ms/seed-step",
-                                   "wall-compile s", "train s", "diagn. s", "ckpt s",
-                                   "peak RSS MiB"]))
+                                   "wall-compile s", "train loops s", "diagn. s",
+                                   "snapshots s", "peak RSS MiB"]))
   rows = []
   for side in ("wsjax", "torch"):
     if not result["runs"][side]:

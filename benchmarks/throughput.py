@@ -1,14 +1,18 @@
 """Train-step throughput (examples/s), wsjax vs PyTorch eager, on the CPU.
 
 * MLP (40-100-100-10) and the 1-D ConvNet (8,010 parameters) on MNIST-1D:
-  wsjax trains 1 seed with `Stepper` blocks of 32 steps (one compiled
-  `lax.scan` per epoch of 4,000 examples at batch 128); PyTorch runs the
+  wsjax trains 1 seed with the training core's loop
+  (`wsjax.core.loop.train` over a `wsjax.core.program.Program` with blocks
+  of 32 steps: one compiled loop per epoch of 4,000 examples at batch 128;
+  the host draws each epoch's order, uploads the indices and reads back the
+  counters after every block, as every study does); PyTorch runs the
   official code's eager loop, both with batches cut from a per-epoch
-  permutation by indexing the data tensor ("index", the same batches as
-  wsjax) and through a `DataLoader(TensorDataset, shuffle=True)` as the
-  DASH code does ("dataloader").
+  permutation by indexing the data tensor ("index") and through a
+  `DataLoader(TensorDataset, shuffle=True)` as the DASH code does
+  ("dataloader").
 * CIFAR ResNet-18 (width 64) on random 32x32x3 inputs: wsjax's jitted
-  single `train_step` vs PyTorch `model.train()` steps.
+  single `train_step` (`wsjax.core.program.make_train_step`) vs PyTorch
+  `model.train()` steps.
 
 SGD (lr 1e-2, momentum 0.9), batch 128, float32. Each side runs in its own
 process; after warm-up (2 calls, the first one compiles) the sides alternate
@@ -34,85 +38,76 @@ SMALL_MODELS = ("mlp", "conv1d")
 def flops_per_step(train_step, state, x, y) -> float:
   """XLA's count of the floating-point operations of one train step (one seed)."""
   import jax
-  cost = jax.jit(train_step).lower(state, x, y, None).cost_analysis()
+  cost = jax.jit(train_step).lower(state, x, y, {}).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", float("nan")))
 
 
 class JaxSmall:
-  """wsjax `Stepper` blocks for one seed of a small model on MNIST-1D."""
+  """wsjax's training loop (`wsjax.core.loop.train`) for seeds of a small model on MNIST-1D.
+
+  Each `run(n)` continues the same run from its global step for `n` more
+  steps (`Until.steps`), so the epochs' data orders follow on as in one
+  long run."""
 
   def __init__(self, model: str, block_steps: int = 32, seeds: int = 1, host_devices: int = 1):
     import jax
     from wsjax import parallel
     parallel.use_cpu_devices(host_devices)  # before any JAX operation
+    from wsjax.core.data import TrainData
+    from wsjax.core.optim import OptimizerConfig, make_optimizer
+    from wsjax.core.program import Program, make_train_step
+    from wsjax.core.state import create_state, seed_keys
+    from wsjax.core.task import Task
     from wsjax.data import load_dataset
-    from wsjax.models import get_model
-    from wsjax.train.optim import OptimizerConfig, make_optimizer
-    from wsjax.train.state import create_state, make_variables_init, seed_keys
-    from wsjax.train.steps import Stepper, make_train_step
+    from wsjax.models import get_model, make_init_fn
 
     ds = load_dataset("mnist1d")
-    self.n_train = len(ds.y_train)
     self.model = get_model(model, ds.num_classes)
     tx = make_optimizer(OptimizerConfig(name="sgd", lr=LR, momentum=MOMENTUM))
-    self.stepper = Stepper(self.model, tx, batch_size=BATCH, block_steps=block_steps,
-                           seed_devices=parallel.default_seed_devices(seeds))
-    init = make_variables_init(self.model, ds.input_shape)
+    self.program = Program(self.model, tx, Task(), batch_size=BATCH, block_steps=block_steps,
+                           replica_devices=parallel.default_seed_devices(seeds))
+    init = make_init_fn(self.model, ds.input_shape)
     fresh = jax.jit(jax.vmap(lambda k: create_state(init, tx, k)),
                     out_shardings=parallel.replicated())
-    self.seeds = seeds
-    self.states = fresh(seed_keys(range(seeds), 0))
-    self.data_x = parallel.put_replicated(ds.x_train)
-    self.data_y = parallel.put_replicated(ds.y_train.astype(np.int32))
-    self.active = np.ones(seeds, bool)
+    self.seeds = tuple(range(seeds))
+    self.states = fresh(seed_keys(self.seeds, 0, 0))
+    x = parallel.put_replicated(ds.x_train)
+    y = parallel.put_replicated(ds.y_train.astype(np.int32))
+    self.data = TrainData(x, y, np.arange(len(ds.y_train)), BATCH)
     self.k = block_steps
-    self.epoch = 0
-    self._pending = np.zeros((0, seeds, BATCH), np.int64)
+    self.step = 0
     # Warm-up: the first call compiles; a second call catches a possible
     # recompilation when the donated states come back with new shardings.
     t0 = time.perf_counter()
-    self._block()
+    self._train(block_steps)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    self._block()
+    self._train(block_steps)
     second = time.perf_counter() - t0
-    self._block()
+    self._train(block_steps)
     one = jax.tree.map(lambda a: a[0], self.states)
     self.info = {"first_call_s": first, "second_call_s": second,
                  "compile_s": max(first - second, 0.0), "devices": jax.device_count(),
-                 "seed_devices": self.stepper.mesh.shape[parallel.SEEDS_AXIS],
+                 "seed_devices": self.program.mesh.shape[parallel.SEEDS_AXIS],
                  "block_steps": block_steps, "seeds": seeds,
-                 "flops_per_step": flops_per_step(make_train_step(self.model, tx), one,
-                                                  self.data_x[:BATCH], self.data_y[:BATCH])}
+                 "steps_per_epoch": self.data.steps_per_epoch,
+                 "flops_per_step": flops_per_step(make_train_step(self.model, tx, Task()), one,
+                                                  x[:BATCH], y[:BATCH])}
 
-  def _next_indices(self):
-    """The next block of indices (K, S, B), from per-seed epoch permutations."""
-    from wsjax.data import epoch_batches
-    while len(self._pending) < self.k:
-      buffer = np.arange(self.n_train)
-      order = np.stack([epoch_batches(buffer, BATCH, s, 0, self.epoch)
-                        for s in range(self.seeds)], 1)
-      self._pending = np.concatenate([self._pending, order])
-      self.epoch += 1
-    idx, self._pending = self._pending[:self.k], self._pending[self.k:]
-    return idx
-
-  def _block(self):
-    idx = self._next_indices()
-    self.states, steps, _, loss = self.stepper.train_block(
-        self.states, self.active, self.data_x, self.data_y, idx, np.ones(self.k, bool))
-    return int(steps.sum())
+  def _train(self, n_steps: int) -> None:
+    from wsjax.core.loop import Until, train
+    self.states, position = train(self.states, self.program, self.data,
+                                  Until.steps(self.step + n_steps), data_seeds=self.seeds,
+                                  start=self.step)
+    self.step = position["step"]
 
   def run(self, n_steps: int) -> dict:
-    """Trains `n_steps` steps (a multiple of the block) and times them."""
+    """Trains `n_steps` more steps of every seed and times them."""
     t0, c0 = time.perf_counter(), common.cpu_seconds()
-    done = 0
-    while done < n_steps:
-      self._block()
-      done += self.k
+    self._train(n_steps)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "steps": done, "examples": done * BATCH * self.seeds,
+    return {"seconds": seconds, "steps": n_steps, "examples": n_steps * BATCH * len(self.seeds),
             "cores_busy": (common.cpu_seconds() - c0) / seconds}
 
 
@@ -126,32 +121,34 @@ class JaxResNet:
     import jax
     import jax.numpy as jnp
     from wsjax import parallel
-    from wsjax.models import get_model
-    from wsjax.train.optim import OptimizerConfig, make_optimizer
-    from wsjax.train.state import create_state, make_variables_init
-    from wsjax.train.steps import make_train_step
-
     parallel.use_cpu_devices(host_devices)  # before any JAX operation
+    from wsjax.core.optim import OptimizerConfig, make_optimizer
+    from wsjax.core.program import make_train_step
+    from wsjax.core.state import create_state
+    from wsjax.core.task import Task
+    from wsjax.models import get_model, make_init_fn
+
     if matmul_precision:
       jax.config.update("jax_default_matmul_precision", matmul_precision)
     model = get_model("resnet18", 10, width=width)
     tx = make_optimizer(OptimizerConfig(name="sgd", lr=LR, momentum=MOMENTUM))
-    init = make_variables_init(model, (32, 32, 3))
+    init = make_init_fn(model, (32, 32, 3))
     self.state = jax.jit(lambda k: create_state(init, tx, k),
                          out_shardings=parallel.replicated())(jax.random.PRNGKey(0))
     key = jax.random.PRNGKey(1)
     self.x = jax.device_put(jax.random.normal(key, (batch, 32, 32, 3), jnp.dtype(dtype)),
                             parallel.sharded_along(0))
     self.y = jax.device_put(jax.random.randint(key, (batch,), 0, 10), parallel.sharded_along(0))
-    self.flops = flops_per_step(make_train_step(model, tx), self.state, self.x, self.y)
-    self.step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
+    train_step = make_train_step(model, tx, Task())
+    self.flops = flops_per_step(train_step, self.state, self.x, self.y)
+    self.step = jax.jit(train_step, donate_argnums=(0,))
     self.batch = batch
     self.info = {**common.timed_warmup(self._step, warmup), "batch": batch,
                  "flops_per_step": self.flops, "devices": jax.device_count(),
                  "matmul_precision": matmul_precision or "default"}
 
   def _step(self):
-    self.state, (loss, _) = self.step(self.state, self.x, self.y, None)
+    self.state, (loss, _) = self.step(self.state, self.x, self.y, {})
     loss.block_until_ready()
 
   def run(self, n_steps: int) -> dict:
@@ -197,11 +194,11 @@ class TorchSmall:
                  "warmup_s": time.perf_counter() - t0}
 
   def _epoch_batches(self):
-    from wsjax.data import epoch_batches
+    from wsjax.data import epoch_order
     if self.loader_kind == "dataloader":
       yield from self.loader
-    else:
-      order = epoch_batches(np.arange(len(self.y)), BATCH, 0, 0, self.epoch)
+    else:  # the batches of wsjax's seed 0 (`TrainData.epoch`: key (seed, epoch))
+      order = epoch_order(np.arange(len(self.y)), BATCH, (0, self.epoch))
       yield from self.ref.index_batches(self.x, self.y, order)
     self.epoch += 1
 

@@ -1,32 +1,38 @@
 """The cost of a warm-start transform relative to one epoch of training.
 
-On DASH's default setting (`experiments.dash`: MNIST-1D large, the 1-D
-ConvNet, 5 seeds vmapped, SGD) at its last stage (the whole 40,000-example
-buffer, 10 chunks), times after warm-up:
+On the DASH setting BENCHMARKS.md records (`experiments.dash`'s default
+when it was measured: MNIST-1D large, the 1-D ConvNet, 5 seeds vmapped, SGD
+lr 0.05 momentum 0.9) at its last stage (the whole 40,000-example buffer,
+10 chunks), built by `wsjax.studies.staged.StagedStudy` (its
+`Setting`, `context(stage)` and compiled `Program`), times after warm-up:
 
 * one DASH update: the gradient EMA over all 10 chunks in eval mode
-  (`methods.dash_signal`) plus the per-group cosine shrink;
-* one shrink-and-perturb update (Ash & Adams: mix with a fresh init, new
-  optimizer state) and one Gaussian `sp` update;
-* one training epoch on the same buffer (313 steps of batch 128, all seeds).
+  (`Dash.signal`, i.e. `wsjax.studies.methods.dash_signal`) plus the
+  per-group cosine shrink (`Dash.prepare`);
+* one shrink-and-perturb update (Ash & Adams: mix with a fresh draw of the
+  model's initializer, fresh BatchNorm statistics, new optimizer state) and
+  one Gaussian `sp` update (`ShrinkPerturb.prepare`, `SP.prepare`);
+* one training epoch on the same buffer (313 steps of batch 128, all seeds:
+  `wsjax.core.loop.train` for one epoch, blocks of 32 steps).
 
     python -m benchmarks.transforms_cost [--repeats=5] [--quick]
+    python -m benchmarks.run --only=transforms_cost
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
+from benchmarks import common
+
+SEEDS = 5
 
 
 def _time(fn, repeats):
+  import jax
   jax.block_until_ready(fn())  # warm-up (compile)
   out = []
   for _ in range(repeats):
@@ -36,70 +42,66 @@ def _time(fn, repeats):
   return statistics.median(out)
 
 
+class TransformCosts:
+  """The last stage of DASH's default study, set up in a worker process."""
+
+  def __init__(self, quick: bool):
+    from wsjax import parallel
+    # as the experiment programs do: one CPU device per core, at most one per seed
+    parallel.use_cpu_devices(0, at_most=SEEDS)
+    from wsjax.core.data import TrainData
+    from wsjax.core.optim import OptimizerConfig
+    from wsjax.studies.common import DataConfig, ModelConfig, RunnerConfig
+    from wsjax.studies.staged import ArrivalConfig, StagedConfig, StagedStudy
+
+    self.dataset = "mnist1d" if quick else "mnist1d_large"
+    cfg = StagedConfig(model=ModelConfig(name="conv1d"), data=DataConfig(dataset=self.dataset),
+                       optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.9),
+                       arrivals=ArrivalConfig(schedule="chunks", chunks=10), threshold=0.99,
+                       max_epochs=30, methods=("dash", "shrink_perturb", "sp"), seeds=SEEDS,
+                       diagnostics=False)
+    with tempfile.TemporaryDirectory(prefix="wsjax-bench-") as workdir:  # nothing is stored
+      study = StagedStudy(cfg, workdir, RunnerConfig(progress=False), log=lambda s: None)
+    self.setting = setting = study.setting
+    self.last = len(study.schedule.stages) - 1
+    self.buffer = study.schedule.stages[self.last]
+    self.ctx = study.context(self.last)
+    self.methods = {m: cfg.method(m) for m in ("dash", "shrink_perturb", "sp")}
+    self.program = setting.program(self.methods["dash"].task())
+    self.data = TrainData(setting.x_train, setting.y_train, self.buffer, cfg.data.batch_size,
+                          salt=(self.last,))
+    self.states = setting.fresh_states(0, 0)
+
+  def _epoch(self):
+    from wsjax.core.loop import Until, train
+    self.states, _ = train(self.states, self.program, self.data, Until.n_epochs(1),
+                           data_seeds=self.setting.seeds)
+    return self.states.params
+
+  def measure(self, repeats: int) -> dict:
+    import jax
+    dash, shrink_perturb, sp = (self.methods[m] for m in ("dash", "shrink_perturb", "sp"))
+    times = {"epoch": _time(self._epoch, repeats),
+             "dash": _time(lambda: dash.prepare(self.states, self.ctx).params, repeats),
+             "dash_gradient_only": _time(lambda: dash.signal(self.states, self.ctx), repeats),
+             "shrink_perturb": _time(lambda: shrink_perturb.prepare(self.states, self.ctx).params,
+                                     repeats),
+             "sp": _time(lambda: sp.prepare(self.states, self.ctx).params, repeats)}
+    return {"dataset": self.dataset, "buffer": int(len(self.buffer)), "chunks": self.last + 1,
+            "seeds": len(self.setting.seeds), "epoch_steps": self.data.steps_per_epoch,
+            "seconds": times,
+            "relative_to_epoch": {k: v / times["epoch"] for k, v in times.items()},
+            "backend": jax.default_backend(), "devices": jax.device_count(),
+            "seed_devices": self.setting.replica_devices}
+
+
 def run(quick: bool = False, repeats: int = 5) -> dict:
-  from wsjax.data import epoch_batches
-  from wsjax.train import methods
-  from wsjax.train.optim import OptimizerConfig
-  from wsjax.train.policies import StageContext
-  from wsjax.train.stopping import StoppingRule
-  from wsjax.train.study import Study, StudyConfig
-
-  dataset = "mnist1d" if quick else "mnist1d_large"
-  cfg = StudyConfig(dataset=dataset, model="conv1d", seeds=5, schedule="chunks",
-                    schedule_kwargs=(("n_chunks", 10),),
-                    optimizer=OptimizerConfig(name="sgd", lr=0.05, momentum=0.9),
-                    stopping=StoppingRule(threshold=0.99, max_epochs=30), methods=("dash",))
-  study = Study(cfg, tempfile.mkdtemp(), progress=False)
-  last = len(study.schedule.stages) - 1
-  buffer = study.schedule.stages[last]
-  hp = methods.MethodParams()
-  ctx = StageContext(stage=last, seeds=study.seeds, tx=study.tx,
-                     fresh=lambda: study.fresh_states(last), data_x=study.data_x,
-                     data_y=study.data_y, arrivals=study.schedule.new, n_stages=last + 1,
-                     model=study.model, stepper=study.stepper(None))
-  states = study.fresh_states(0)
-  stepper = ctx.stepper
-  k = cfg.block_steps
-  order = np.stack([epoch_batches(buffer, cfg.batch_size, s, last, 0) for s in study.seeds], 1)
-  n_steps = len(order)
-  n_blocks = -(-n_steps // k)
-  order = np.concatenate([order, np.zeros((n_blocks * k - n_steps, *order.shape[1:]), order.dtype)])
-  valid = np.arange(n_blocks * k) < n_steps
-  active = np.ones(len(study.seeds), bool)
-  holder = {"states": states}
-
-  def epoch():
-    s = holder["states"]
-    for b in range(n_blocks):
-      sl = slice(b * k, (b + 1) * k)
-      s, *_ = stepper.train_block(s, active, study.data_x, study.data_y, order[sl], valid[sl])
-    holder["states"] = s
-    return s.params
-
-  def copy(s):
-    return jax.tree.map(lambda x: x.copy(), s)
-
-  def dash():
-    return methods.get_method("dash").prepare(copy(holder["states"]), ctx, hp).params
-
-  def dash_gradient_only():
-    return methods.dash_signal(holder["states"], ctx, hp)
-
-  def shrink_perturb():
-    return methods.get_method("shrink_perturb").prepare(copy(holder["states"]), ctx, hp).params
-
-  def sp():
-    return methods.get_method("sp").prepare(copy(holder["states"]), ctx, hp).params
-
-  reps = 2 if quick else repeats
-  times = {"epoch": _time(epoch, reps), "dash": _time(dash, reps),
-           "dash_gradient_only": _time(dash_gradient_only, reps),
-           "shrink_perturb": _time(shrink_perturb, reps), "sp": _time(sp, reps)}
-  return {"benchmark": "transforms_cost", "dataset": dataset, "buffer": int(len(buffer)),
-          "chunks": last + 1, "seeds": len(study.seeds), "epoch_steps": int(n_steps),
-          "seconds": times, "relative_to_epoch": {k_: v / times["epoch"] for k_, v in times.items()},
-          "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
-                          "devices": jax.device_count(), "load_average": list(os.getloadavg())}}
+  result = {"benchmark": "transforms_cost", "environment": common.environment(), "quick": quick}
+  with common.Worker("benchmarks.transforms_cost:TransformCosts", quick=quick) as worker:
+    result.update(worker.call("measure", 2 if quick else repeats))
+    result["setup_s"] = worker.setup_s
+    result["peak_rss_mb"] = worker.peak_rss_mb()
+  return result
 
 
 def report(result: dict) -> str:
@@ -118,11 +120,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   result = run(quick=args.quick, repeats=args.repeats)
   print(report(result))
-  os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-  path = os.path.join(os.path.dirname(__file__), "results", "transforms_cost.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"wrote {path}")
+  print(f"wrote {common.write_result('transforms_cost' + ('_quick' if args.quick else ''), result)}")
   return 0
 
 
