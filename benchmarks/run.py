@@ -7,7 +7,7 @@
     python -m benchmarks.run --only=core --baseline=/tmp/wsjax-644b3fb  # the core refactor, before/after
 
 Not run by default: resnet_probe, transforms_cost, weight_matching,
-similarity, lottery, transfer, core (`--baseline` is the pre-refactor checkout it compares
+similarity, lottery, transfer, shrink_perturb_grid, core (`--baseline` is the pre-refactor checkout it compares
 against: `git worktree add /tmp/wsjax-644b3fb 644b3fb`; see benchmarks/core.py).
 
 Each benchmark prints a table; BENCHMARKS.md records the numbers measured
@@ -36,6 +36,7 @@ BENCHMARKS = {
     "core": ("benchmarks.core", False),
     "lottery": ("benchmarks.lottery", False),
     "transfer": ("benchmarks.transfer", False),
+    "shrink_perturb_grid": ("benchmarks.shrink_perturb_grid", False),
 }
 
 

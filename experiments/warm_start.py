@@ -15,6 +15,8 @@ WORKDIR/runs (list them: python -m experiments.runs --workdir=WORKDIR).
 """
 from __future__ import annotations
 
+import os
+
 from absl import app
 
 from experiments import common, staged
@@ -27,7 +29,12 @@ common.define_flags(DEFAULT, workdir="runs/warm_start")
 
 
 def _plots(out: dict, workdir: str) -> list[str]:
-  return staged.standard_plots(out, workdir, "warm-start gap: test accuracy per stage")
+  names = staged.standard_plots(out, workdir, "warm-start gap: test accuracy per stage")
+  if out["config"]["arrivals"]["schedule"] == "online":
+    from wsjax import plotting_online
+    plotting_online.plot_online_panels(out, os.path.join(workdir, "online_panels.png"))
+    names.append("online_panels.png")
+  return names
 
 
 def main(argv):

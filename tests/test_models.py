@@ -80,7 +80,19 @@ def conv8_p(width, classes):
   return n + dense_p(8 * width, 4 * width) + dense_p(4 * width, 4 * width) + dense_p(4 * width, classes)
 
 
+def cnn_p(classes, channels=16, widths=(128,), side=32, cin=3):
+  """cnn: two 3x3 stride-2 convs with bias (side -> side/2 -> side/4), dense widths, head."""
+  n = conv_p(9, cin, channels, True) + conv_p(9, channels, 2 * channels, True)
+  fan = (side // 4) ** 2 * 2 * channels
+  for w in widths:
+    n += dense_p(fan, w)
+    fan = w
+  return n + dense_p(fan, classes)
+
+
 def expected_params(name, classes):
+  if name == "cnn":
+    return cnn_p(classes)
   if name == "conv8":
     return conv8_p(64, classes)
   if name == "logreg":
@@ -97,13 +109,13 @@ def expected_params(name, classes):
   return vgg_p(VGG_PLANS[name.removesuffix("_bn")], name.endswith("_bn"), classes)
 
 
-RELU_SITES = {"logreg": 0, "mlp": 2, "conv1d": 3, "resnet18": 17, "resnet20": 19,
+RELU_SITES = {"logreg": 0, "mlp": 2, "conv1d": 3, "cnn": 3, "resnet18": 17, "resnet20": 19,
               "conv8": 10, "vgg11": 8, "vgg13": 10, "vgg16": 13}
 
 
 def test_known_models():
   assert set(models.KNOWN_MODELS) == {
-      "logreg", "mlp", "conv1d", "resnet18", "resnet20", "conv8", "vgg11", "vgg13",
+      "logreg", "mlp", "conv1d", "cnn", "resnet18", "resnet20", "conv8", "vgg11", "vgg13",
       "vgg16", "vgg11_bn", "vgg13_bn", "vgg16_bn"}
 
 
@@ -602,3 +614,51 @@ def test_conv1d_patches_equals_lax_convolution(k, s, p):
   want = reference.apply(variables, x)
   assert got.shape == want.shape == (4, (20 + 2 * p - k) // s + 1, 7)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (3, 1, 1), (5, 2, 0)])
+def test_conv2d_patches_equals_lax_convolution(k, s, p):
+  """The cnn's matmul form of the 2-D conv gives nn.Conv's result on the same
+  params (odd side 13 checks the output size with stride 2)."""
+  from wsjax.models.cnn import Conv2DPatches
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 13, 13, 3))
+  patches = Conv2DPatches(7, k, 3, "torch", strides=s, padding=p)
+  variables = patches.init(jax.random.PRNGKey(1), x)
+  reference = layers.conv(7, k, 3, "torch", strides=s, padding=p)
+  got = patches.apply(variables, x)
+  want = reference.apply(variables, x)
+  side = (13 + 2 * p - k) // s + 1
+  assert got.shape == want.shape == (4, side, side, 7)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_on_28x28_images(torch):
+  """cnn on Fashion-MNIST-sized inputs: the count of its docstring, the
+  options, and the same logits as the same network in PyTorch (Conv2d
+  stride 2 padding 1, NCHW flatten permuted to NHWC)."""
+  model = models.get_model("cnn", 10)
+  variables = models.init_variables(model, jax.random.key(0), (28, 28, 1))
+  assert models.count_params(variables["params"]) == cnn_p(10, side=28, cin=1) == 206_922
+  small = models.get_model("cnn", 3, channels=4, widths=())
+  v = abstract_variables(small, (28, 28, 1))["params"]
+  assert v["conv2"]["kernel"].shape == (3, 3, 4, 8) and v["head"]["kernel"].shape == (7 * 7 * 8, 3)
+  assert models.model_options("cnn") == ("channels", "widths", "dtype", "init")
+  tnn = torch.nn
+  net = tnn.Sequential(tnn.Conv2d(1, 16, 3, 2, 1), tnn.ReLU(), tnn.Conv2d(16, 32, 3, 2, 1),
+                       tnn.ReLU(), tnn.Flatten(), tnn.Linear(32 * 7 * 7, 128), tnn.ReLU(),
+                       tnn.Linear(128, 10))
+  convs = [m for m in net if isinstance(m, tnn.Conv2d)]
+  denses = [m for m in net if isinstance(m, tnn.Linear)]
+  np_ = lambda t: jnp.asarray(t.detach().numpy())  # noqa: E731
+  params = {f"conv{i}": {"kernel": np_(c.weight.permute(2, 3, 1, 0)), "bias": np_(c.bias)}
+            for i, c in enumerate(convs, start=1)}
+  w1 = denses[0].weight.reshape(128, 32, 7, 7).permute(0, 2, 3, 1).reshape(128, -1)  # CHW -> HWC
+  params["dense1"] = {"kernel": np_(w1.T), "bias": np_(denses[0].bias)}
+  params[models.HEAD] = {"kernel": np_(denses[1].weight.T), "bias": np_(denses[1].bias)}
+  x = np.random.default_rng(0).normal(size=(3, 28, 28, 1)).astype(np.float32)
+  with torch.no_grad():
+    want = net(torch.from_numpy(np.moveaxis(x, -1, 1).copy())).numpy()
+  got, state = model.apply({"params": params}, x, mutable=["activations"])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert [a[0].shape for a in state["activations"].values()] == [(3, 14, 14, 16), (3, 7, 7, 32),
+                                                                  (3, 128)]

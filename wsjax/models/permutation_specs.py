@@ -151,6 +151,12 @@ def conv8_spec(shapes: dict[str, tuple[int, ...]]) -> Axes:
   return chain_spec(shapes, numbered(shapes, "conv") + numbered(shapes, "dense"))
 
 
+def cnn_spec(shapes: dict[str, tuple[int, ...]]) -> Axes:
+  """``CNN``: conv1, conv2, dense1 .. denseK (dense1 on the flattened NHWC
+  map: ``Flattened("conv2", outer=positions)``), head."""
+  return chain_spec(shapes, numbered(shapes, "conv") + numbered(shapes, "dense"))
+
+
 _BLOCK = re.compile(r"^layer(\d+)_(\d+)/")
 
 
@@ -181,7 +187,7 @@ def resnet_spec(shapes: dict[str, tuple[int, ...]]) -> Axes:
   return axes
 
 
-_BUILDERS = {"mlp": mlp_spec, "conv1d": conv1d_spec, "conv8": conv8_spec,
+_BUILDERS = {"mlp": mlp_spec, "conv1d": conv1d_spec, "conv8": conv8_spec, "cnn": cnn_spec,
              "resnet18": resnet_spec, "resnet20": resnet_spec,
              **{n: vgg_spec for n in KNOWN_MODELS if n.startswith("vgg")}}
 

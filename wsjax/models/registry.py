@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from wsjax.models import initializers
+from wsjax.models.cnn import CNN
 from wsjax.models.conv8 import Conv8
 from wsjax.models.resnet import ResNet18, ResNet20
 from wsjax.models.simple import MLP, Conv1D, LogisticRegression
@@ -34,6 +35,7 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "logreg": (LogisticRegression, {}),
     "mlp": (MLP, {}),
     "conv1d": (Conv1D, {}),
+    "cnn": (CNN, {}),
     "resnet18": (ResNet18, {}),
     "resnet20": (ResNet20, {}),
     "conv8": (Conv8, {}),
@@ -67,10 +69,10 @@ def _lookup(name: str):
 def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   """Builds the registered model `name` with `num_classes` outputs.
 
-  Options (`kwargs`) are the module's fields, e.g. ``widths`` (mlp),
-  ``channels`` (conv1d), ``width`` (resnets, conv8), ``last_pool`` (conv8),
-  ``dtype`` (the compute dtype of resnets, vggs and conv8: "float32" or
-  "bfloat16"), and ``init`` for every model.
+  Options (`kwargs`) are the module's fields, e.g. ``widths`` (mlp, cnn),
+  ``channels`` (conv1d, cnn), ``width`` (resnets, conv8), ``last_pool``
+  (conv8), ``dtype`` (the compute dtype of resnets, vggs, conv8 and cnn:
+  "float32" or "bfloat16"), and ``init`` for every model.
   Raises UnknownModelError (a ValueError) for an unknown name and ValueError
   for an unknown option or init scheme.
   """
