@@ -135,7 +135,7 @@ def test_params_alone_get_a_params_spec():
 def test_spec_errors():
   _, v = abstract("logreg", IMAGE)
   with pytest.raises(ValueError, match="no permutation spec for model 'logreg'; models with one: "
-                     "mlp, conv1d, resnet18, resnet20, conv8, vgg11"):
+                     "mlp, conv1d, cnn, resnet18, resnet20, conv8, vgg11"):
     models.permutation_spec("logreg", v)
   _, v = abstract("resnet20", IMAGE, width=4)
   with pytest.raises(ValueError, match="variables do not fit model 'mlp'"):
