@@ -7,8 +7,8 @@ per leaf (``take`` for every other permutation, ``moveaxis``, ``reshape``,
 a matmul added into ``A``), ``linear_sum_assignment`` on the host, the old
 and new objective as ``vdot(A, eye(n)[perm])``. wsjax's side builds each
 cost matrix with one jitted function per permutation
-(``wsjax.transfer.weight_matching``) and evaluates the objective once per
-sweep. Both visit the permutations in the same seeded order, so they run the
+(``wsjax.transfer.weight_matching``), tracks the objective by each
+assignment's gain and evaluates it in full before and after the search. Both visit the permutations in the same seeded order, so they run the
 same sweeps and must find the same permutations (checked).
 
 Networks (random weights, two independent He-scaled draws, float32):
@@ -16,7 +16,7 @@ the MLP 784-512-512-10 and Conv8 (Chijiwa 2024; width 16 quick, 64 full).
 Each side runs in its own process; the first call (compilation included) is
 reported apart, then the sides alternate and medians are reported, with the
 time split into cost building (device work and the copy to the host),
-assignment (SciPy) and, for wsjax, the per-sweep objective.
+assignment (SciPy) and, for wsjax, the full objective evaluations.
 """
 from __future__ import annotations
 
