@@ -29,7 +29,7 @@ width 8, T = 3; batch 128, 1 gradient batch per point). Each side runs in its ow
 process; the first call (compilation included) is reported apart, then the
 sides alternate and medians are reported, with the time split into
 gradients (device work included), cost matrices, assignments and (wsjax)
-the per-sweep objective.
+the objective's full evaluations (before and after each search).
 """
 from __future__ import annotations
 
