@@ -40,3 +40,17 @@ def toy_setting(data_dir, *, model="mlp", seeds=(0, 1), optimizer=None, batch_si
                  DataConfig(dataset=dataset, data_dir=data_dir, batch_size=batch_size),
                  optimizer or OptimizerConfig(name="sgd", lr=0.05, momentum=0.9), seeds,
                  RunnerConfig(block_steps=block_steps, progress=False, seed_devices=1))
+
+
+def stored_runs(workdir, what):
+  """Run directories of a workdir holding `what`: DONE, or a checkpoint of a
+  run not yet finished (a finished run deletes its checkpoints just after
+  writing DONE, so a checkpoint beside DONE is not mid-run)."""
+  runs = workdir / "runs"
+  if not runs.is_dir():
+    return []
+  if what == "checkpoint":
+    return [d for d in runs.iterdir()
+            if (d / "checkpoints").is_dir() and not (d / "DONE").exists()
+            and any(c.name.isdigit() for c in (d / "checkpoints").iterdir())]
+  return [d for d in runs.iterdir() if (d / what).exists()]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, stored_runs
 
 COMMON = ["--progress=false", "--block_steps=4", "--channels=4"]
 CURVES = [*COMMON, "--pairs=1", "--epochs=2", "--curve_epochs=2", "--curve_points=5",
@@ -129,13 +129,8 @@ def _killed_then_rerun(env, module, workdir, args, ready):
 
 
 def _has_checkpoint(workdir, done_too=False):
-  runs = workdir / "runs"
-  if not runs.is_dir():
-    return False
-  dirs = list(runs.iterdir())
-  mid = any((d / "checkpoints").is_dir() and any(c.name.isdigit() for c in (d / "checkpoints").iterdir())
-            for d in dirs if not (d / "DONE").exists())
-  return mid and (not done_too or any((d / "DONE").exists() for d in dirs))
+  mid = bool(stored_runs(workdir, "checkpoint"))
+  return mid and (not done_too or bool(stored_runs(workdir, "DONE")))
 
 
 def test_curves_program_killed_mid_curve_resumes_to_identical_results(curves_run, env, tmp_path):

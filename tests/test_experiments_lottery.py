@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, stored_runs
 
 TINY = ["--model=mlp", "--widths=16", "--batch_size=64", "--training_steps=20it", "--seeds=2",
         "--progress=false", "--block_steps=8"]
@@ -78,15 +78,6 @@ def test_lottery_writes_results_plot_and_table(lottery_run):
   assert (workdir / "studies" / out["study"] / "results.json").exists()
 
 
-def _stored(workdir, what):
-  runs = workdir / "runs"
-  if not runs.is_dir():
-    return []
-  if what == "checkpoint":
-    return [d for d in runs.iterdir() if not (d / "DONE").exists() and (d / "checkpoints").is_dir()
-            and any(c.name.isdigit() for c in (d / "checkpoints").iterdir())]
-  return [d for d in runs.iterdir() if (d / what).exists()]
-
 
 def test_kill_9_then_the_same_command_gives_the_same_results(lottery_run, env, tmp_path):
   ref, _ = lottery_run
@@ -99,7 +90,7 @@ def test_kill_9_then_the_same_command_gives_the_same_results(lottery_run, env, t
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if _stored(workdir, "DONE") and _stored(workdir, "checkpoint"):
+    if stored_runs(workdir, "DONE") and stored_runs(workdir, "checkpoint"):
       break
     time.sleep(0.02)
   assert proc.poll() is None, "the run ended before it could be killed"
@@ -112,7 +103,7 @@ def test_kill_9_then_the_same_command_gives_the_same_results(lottery_run, env, t
   got = _strip(json.load(open(workdir / "results.json")))
   want = _strip(json.load(open(ref / "results.json")))
   assert got["lineages"] == want["lineages"]  # bit-exact on the CPU
-  assert not _stored(workdir, "checkpoint") and len(_stored(workdir, "DONE")) == 7
+  assert not stored_runs(workdir, "checkpoint") and len(stored_runs(workdir, "DONE")) == 7
 
 
 def test_instability_reads_masks_from_the_lottery_runs(lottery_run, env, tmp_path):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, stored_runs
 
 SHRINKS, PERTURBS = (0.0, 0.5, 1.0), (0.0, 1.0)
 TINY = ["--dataset=mnist1d", "--model=mlp", "--widths=16", "--batch_size=64", "--seeds=2",
@@ -78,19 +78,6 @@ def test_rerun_loads_both_runs(reference, env, tmp_path):
   assert json.load(open(workdir / "results.json")) == before
 
 
-def _stored(workdir, what):
-  """Run directories holding `what` (DONE, or a checkpoint of a run not yet
-  finished: a finished run deletes its checkpoints just after writing DONE,
-  so a checkpoint beside DONE is not mid-run)."""
-  runs = workdir / "runs"
-  if not runs.is_dir():
-    return []
-  if what == "checkpoint":
-    return [d for d in runs.iterdir()
-            if (d / "checkpoints").is_dir() and not (d / "DONE").exists()
-            and any(c.name.isdigit() for c in (d / "checkpoints").iterdir())]
-  return [d for d in runs.iterdir() if (d / what).exists()]
-
 
 def test_kill_9_mid_grid_then_the_same_command_gives_identical_results(reference, env, tmp_path):
   ref, _ = reference
@@ -102,7 +89,7 @@ def test_kill_9_mid_grid_then_the_same_command_gives_identical_results(reference
                           cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if _stored(workdir, "DONE") and _stored(workdir, "checkpoint"):  # stage 1 done, grid mid-way
+    if stored_runs(workdir, "DONE") and stored_runs(workdir, "checkpoint"):  # stage 1 done, grid mid-way
       break
     time.sleep(0.05)
   assert proc.poll() is None, "the run ended before it could be killed"

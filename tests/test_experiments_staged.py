@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, stored_runs
 
 TINY = ["--dataset=mnist1d", "--model=conv1d", "--channels=8", "--batch_size=64",
         "--fraction=0.5", "--seeds=2", "--threshold=0", "--max_epochs=2", "--progress=false",
@@ -125,19 +125,6 @@ def test_rerun_loads_finished_runs_and_a_changed_config_writes_new_runs_beside(
   assert listing.returncode == 0 and "warm_start/dash/stage1" in listing.stdout
 
 
-def _stored(workdir, what):
-  """Run directories of a workdir holding `what` (DONE, or a checkpoint of a
-  run not yet finished: a finished run deletes its checkpoints just after
-  writing DONE, so a checkpoint beside DONE is not mid-run)."""
-  runs = workdir / "runs"
-  if not runs.is_dir():
-    return []
-  if what == "checkpoint":
-    return [d for d in runs.iterdir()
-            if (d / "checkpoints").is_dir() and not (d / "DONE").exists()
-            and any(c.name.isdigit() for c in (d / "checkpoints").iterdir())]
-  return [d for d in runs.iterdir() if (d / what).exists()]
-
 
 def test_kill_9_mid_run_then_resume_gives_identical_results(reference_run, env, tmp_path):
   """kill -9 once a run has finished and another has a mid-run checkpoint,
@@ -151,7 +138,7 @@ def test_kill_9_mid_run_then_resume_gives_identical_results(reference_run, env, 
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if _stored(workdir, "DONE") and _stored(workdir, "checkpoint"):
+    if stored_runs(workdir, "DONE") and stored_runs(workdir, "checkpoint"):
       break
     time.sleep(0.05)
   assert proc.poll() is None, "the run ended before it could be killed"
@@ -261,7 +248,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes(reference_run, env, tmp_path):
   proc = subprocess.Popen([sys.executable, "-m", "experiments.warm_start", *args], cwd=REPO, env=e,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None and not _stored(workdir, "DONE"):
+  while time.time() < deadline and proc.poll() is None and not stored_runs(workdir, "DONE"):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
@@ -269,7 +256,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes(reference_run, env, tmp_path):
     pytest.skip("the run finished before SIGTERM arrived")
   assert proc.returncode == 143, err[-2000:]
   assert "preempted" in err and "Traceback" not in err
-  assert _stored(workdir, "checkpoint")
+  assert stored_runs(workdir, "checkpoint")
   p = run_cli("experiments.warm_start", *args, env=env[0])
   assert p.returncode == 0, p.stderr[-2000:]
   assert "resuming" in p.stdout + p.stderr

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, stored_runs
 
 LT = ["--dataset=mnist1d", "--widths=16", "--batch_size=128", "--epochs=1", "--points=3",
       "--seeds=2", "--pretrain_epochs=1", "--finetune_epochs=1", "--eval_every=10",
@@ -69,15 +69,6 @@ def test_learning_transfer_writes_results_table_and_plots(reference):
     assert word in p.stdout
 
 
-def _stored(workdir, what):
-  runs = workdir / "runs"
-  if not runs.is_dir():
-    return []
-  if what == "checkpoint":  # a mid-run checkpoint of an unfinished run
-    return [d for d in runs.iterdir() if (d / "checkpoints").is_dir() and not (d / "DONE").exists()
-            and any(c.name.isdigit() for c in (d / "checkpoints").iterdir())]
-  return [d for d in runs.iterdir() if (d / what).exists()]
-
 
 def test_kill_9_then_rerun_gives_identical_results(reference, env, tmp_path):
   """Killed once a run has finished and another holds a mid-run checkpoint;
@@ -93,7 +84,7 @@ def test_kill_9_then_rerun_gives_identical_results(reference, env, tmp_path):
                           cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if _stored(workdir, "DONE") and _stored(workdir, "checkpoint"):
+    if stored_runs(workdir, "DONE") and stored_runs(workdir, "checkpoint"):
       break
     time.sleep(0.05)
   assert proc.poll() is None, "the program ended before it could be killed"
@@ -106,7 +97,7 @@ def test_kill_9_then_rerun_gives_identical_results(reference, env, tmp_path):
   got = _strip_times(json.load(open(workdir / "results.json")))
   want = _strip_times(json.load(open(ref / "results.json")))
   assert got["settings"]["fresh"] == want["settings"]["fresh"]
-  assert not _stored(workdir, "checkpoint")
+  assert not stored_runs(workdir, "checkpoint")
 
 
 def _error_line(p):
