@@ -6,6 +6,7 @@ Parameter counts and output shapes of the large models come from
 `jax.eval_shape` (no compilation); only a few small models are initialized for
 real, since XLA:CPU compiles every random draw (~0.1 s per parameter leaf).
 """
+import functools
 import math
 
 import flax
@@ -662,3 +663,53 @@ def test_cnn_on_28x28_images(torch):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert [a[0].shape for a in state["activations"].values()] == [(3, 14, 14, 16), (3, 7, 7, 32),
                                                                   (3, 128)]
+
+
+@pytest.mark.parametrize("layer", ["conv1d", "conv2d"])
+def test_patch_conv_custom_gradient_equals_autodiff_of_nn_conv_under_vmap(layer):
+  """The patch convolutions' hand-written backward pass (`layers.patch_matmul`)
+  gives nn.Conv's autodiff gradients, for one replica and vmapped over
+  replicas with their own kernels. Hessian-vector products forward-over-reverse
+  and reverse-over-reverse agree; forward mode through the output itself
+  needs `custom_grad=False`."""
+  from wsjax.models.cnn import Conv2DPatches
+  shape, ndim = ((6, 20, 3), 1) if layer == "conv1d" else ((6, 9, 9, 3), 2)
+  make = (lambda g: layers.Conv1DPatches(5, 3, 3, "torch", strides=2, padding=1, custom_grad=g)
+          ) if ndim == 1 else (lambda g: Conv2DPatches(5, 3, 3, "torch", strides=2, padding=1,
+                                                         custom_grad=g))
+  reference = layers.conv(5, 3, 3, "torch", ndim=ndim, strides=2, padding=1)
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  params = jax.vmap(lambda k: make(True).init(k, x))(keys)
+
+  def loss(module, p, x):
+    return jnp.sum(jnp.sin(module.apply(p, x)) * jnp.arange(5.0))
+
+  grad_ref = jax.jit(jax.vmap(jax.grad(lambda p, x: loss(reference, p, x), argnums=(0, 1)),
+                              in_axes=(0, None)))(params, x)
+  for custom in (True, False):
+    module = make(custom)
+    fn = jax.grad(functools.partial(loss, module), argnums=(0, 1))
+    for got, want in zip(jax.tree.leaves(jax.jit(jax.vmap(fn, in_axes=(0, None)))(params, x)),
+                         jax.tree.leaves(grad_ref)):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    one = jax.tree.map(lambda a: a[1], params)
+    for got, want in zip(jax.tree.leaves(fn(one, x)),
+                         jax.tree.leaves(jax.tree.map(lambda a: a[1], grad_ref))):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  one = jax.tree.map(lambda a: a[0], params)
+  v = jax.tree.map(jnp.ones_like, one)
+  g_plain = jax.grad(lambda p: loss(make(False), p, x))
+  fwd_over_rev = jax.jvp(g_plain, (one,), (v,))[1]
+  g_custom = jax.grad(lambda p: loss(make(True), p, x))
+  rev_over_rev = jax.grad(lambda p: sum(jnp.vdot(a, b) for a, b in zip(
+      jax.tree.leaves(g_custom(p)), jax.tree.leaves(v))))(one)
+  for a, b in zip(jax.tree.leaves(fwd_over_rev), jax.tree.leaves(rev_over_rev)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(jax.jvp(g_custom, (one,), (v,))[1]),
+                  jax.tree.leaves(fwd_over_rev)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  out = jax.jvp(lambda p: make(False).apply(p, x), (one,), (v,))[1]
+  assert out.shape[0] == shape[0]
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(lambda p: make(True).apply(p, x), (one,), (v,))

@@ -60,6 +60,7 @@ class Conv2DPatches(nn.Module):
   padding: int = 0
   use_bias: bool = True
   dtype: Any = jnp.float32
+  custom_grad: bool = True  # see `layers.patch_matmul`; False for forward-mode autodiff
 
   @nn.compact
   def __call__(self, x):
@@ -72,7 +73,7 @@ class Conv2DPatches(nn.Module):
     patches = jnp.stack([xp[:, i: i + s * (height - 1) + 1: s, j: j + s * (width - 1) + 1: s, :]
                          for i in range(k) for j in range(k)], axis=3)  # (n, h, w, k*k, c)
     flat = kernel.reshape(k * k, self.in_features, self.features).astype(self.dtype)
-    y = jnp.einsum("nhwpc,pco->nhwo", patches.astype(self.dtype), flat)
+    y = layers.patch_matmul(patches.astype(self.dtype), flat, self.custom_grad)
     if self.use_bias:
       fan_in = self.in_features * k * k
       bias = self.param("bias", initializers.bias_init(self.init_scheme, fan_in), (self.features,))
@@ -87,6 +88,7 @@ class CNN(nn.Module):
   widths: Sequence[int] = (128,)
   init_scheme: str = "torch"
   dtype: Any = jnp.float32  # compute dtype; parameters float32
+  custom_grad: bool = True  # False for forward-mode autodiff (see `layers.patch_matmul`)
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -101,7 +103,7 @@ class CNN(nn.Module):
     relu = 0
     for i, features in enumerate((self.channels, 2 * self.channels), start=1):
       x = Conv2DPatches(features, 3, x.shape[-1], init, strides=2, padding=1,
-                        name=f"conv{i}", dtype=dt)(x)
+                        name=f"conv{i}", dtype=dt, custom_grad=self.custom_grad)(x)
       x = nn.relu(x)
       relu += 1
       self.sow("activations", f"relu{relu}", x)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -95,12 +96,66 @@ def flatten(x):
   return x.reshape((x.shape[0], -1))
 
 
+def patch_matmul(patches, kernel, custom_grad: bool = True):
+  """A patch convolution's one matmul: ``y[..., o] = sum_{p, c} patches[..., p, c] kernel[p, c, o]``.
+
+  ``patches (..., P, C)``: the P kernel positions' input slices, stacked;
+  ``kernel (P, C, O)``: the layer's parameter. Both are flattened to one
+  contraction axis of size P*C first: written as ``einsum("...pc,pco->...o")``,
+  XLA:CPU orders the two contracting axes channel-major and makes a
+  transposed copy of the patches for the forward pass besides the one for
+  the backward pass.
+
+  ``custom_grad``: differentiate with `_flat_matmul`'s own backward pass
+  (same gradients, a faster form under ``jax.vmap``). Gradients and
+  Hessian-vector products (also forward-over-reverse, ``jvp(grad(f))``)
+  work either way; forward mode through the output itself (``jax.jvp`` of
+  the model, ``jax.jacfwd``) needs False: plain autodiff.
+  """
+  p, c = patches.shape[-2:]
+  flat = patches.reshape(*patches.shape[:-2], p * c)
+  kernel = kernel.reshape(p * c, kernel.shape[-1])
+  return _flat_matmul(flat, kernel) if custom_grad else flat @ kernel
+
+
+@jax.custom_vjp
+def _flat_matmul(a, b):
+  """``a @ b`` for ``a (..., F)``, ``b (F, O)``, with a hand-written backward pass.
+
+  The gradients are autodiff's, ``da = g b^T`` and ``db = sum_m a[m]^T g[m]``
+  over every leading position m, but ``db`` is computed as ``(g^T a)^T``
+  with ``g^T`` materialized: that is the plain ``A @ B`` that XLA:CPU's fast
+  (YNNPACK) matmul takes also under ``jax.vmap``, and the form XLA itself
+  picks for one replica. Autodiff's form (contracting the leading axis of
+  both operands) runs as a generic batched dot under ``vmap``: ~1.3x slower
+  per replica for the 1-D ConvNet's step (BENCHMARKS.md, section 11).
+  Barriers keep XLA from folding the transposes back. Being a custom VJP,
+  its output has no forward mode (its gradient has): models take
+  ``custom_grad=False`` for that.
+  """
+  return a @ b
+
+
+def _flat_matmul_fwd(a, b):
+  return a @ b, (a, b)
+
+
+def _flat_matmul_bwd(res, g):
+  a, b = res
+  g_t = jax.lax.optimization_barrier(g.reshape(-1, g.shape[-1]).T)
+  db_t = jax.lax.optimization_barrier(g_t @ a.reshape(-1, a.shape[-1]))
+  return g @ b.T, db_t.T
+
+
+_flat_matmul.defvjp(_flat_matmul_fwd, _flat_matmul_bwd)
+
+
 class Conv1DPatches(nn.Module):
   """A 1-D convolution computed as one matmul over gathered patches.
 
   Same parameters as ``nn.Conv`` (``kernel (k, in, out)``, ``bias (out,)``)
   and the same result (``y[n, l] = sum_{j, c} x_pad[n, s*l + j, c] K[j, c] + b``),
-  but expressed as k strided slices and one ``dot_general``. Why: on XLA's
+  but expressed as k strided slices and one matmul (`patch_matmul`). Why: on XLA's
   CPU backend a convolution inside a loop (``lax.scan``, ``lax.cond``) runs
   ~10x slower than at top level, and a convolution with per-seed kernels
   under ``jax.vmap`` becomes a grouped convolution; the matmul form stays
@@ -113,6 +168,7 @@ class Conv1DPatches(nn.Module):
   strides: int = 1
   padding: int = 0
   use_bias: bool = True
+  custom_grad: bool = True  # see `patch_matmul`; False for forward-mode autodiff
 
   @nn.compact
   def __call__(self, x):
@@ -123,7 +179,7 @@ class Conv1DPatches(nn.Module):
     xp = jnp.pad(x, ((0, 0), (p, p), (0, 0)))
     length = (x.shape[1] + 2 * p - k) // s + 1
     patches = jnp.stack([xp[:, j: j + s * (length - 1) + 1: s, :] for j in range(k)], axis=2)
-    y = jnp.einsum("nlkc,kco->nlo", patches, kernel)
+    y = patch_matmul(patches, kernel, self.custom_grad)
     if self.use_bias:
       y = y + self.param("bias", initializers.bias_init(self.init_scheme, fan_in), (self.features,))
     return y

@@ -64,10 +64,12 @@ class Conv1D(nn.Module):
   -> 5), flatten (NWC order), Dense(num_classes). With 32 channels and 10
   classes: 192 + 3104 + 3104 + 1610 = 8,010 parameters. Layers ``conv1``..
   ``conv3``, ``head``; sown activations ``relu1``..``relu3``.
+  ``custom_grad=False`` for forward-mode autodiff (see `layers.patch_matmul`).
   """
   num_classes: int
   channels: int = 32
   init_scheme: str = "torch"
+  custom_grad: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -78,7 +80,8 @@ class Conv1D(nn.Module):
     specs = ((5, 2), (3, 1), (3, 1))  # (kernel, padding); stride 2 throughout
     for i, (kernel, pad) in enumerate(specs, start=1):
       x = layers.Conv1DPatches(self.channels, kernel, x.shape[-1], self.init_scheme,
-                               strides=2, padding=pad, name=f"conv{i}")(x)
+                               strides=2, padding=pad, name=f"conv{i}",
+                               custom_grad=self.custom_grad)(x)
       x = nn.relu(x)
       self.sow("activations", f"relu{i}", x)
     x = layers.flatten(x)
