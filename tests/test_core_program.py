@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from wsjax import parallel
 from wsjax.core.optim import OptimizerConfig, make_optimizer
-from wsjax.core.program import Program, make_train_step
+from wsjax.core.program import Program, chunk_layout, make_train_step
 from wsjax.core.state import create_state, seed_keys
 from wsjax.core.task import Task
 from wsjax.data import epoch_batches, load_dataset
@@ -63,11 +63,12 @@ def test_train_step_lowers_the_loss(mnist1d):
 
 
 def _run_blocks(ds, seeds, n_blocks=3, k=8, active=None, model_name="conv1d", seed_devices=1,
-                programs=None):
+                programs=None, replica_chunk=None):
   """Trains `n_blocks` blocks; appends the number of compiled block programs to `programs`."""
   model, tx, fresh = _setup(ds, model_name)
   states = fresh(seed_keys(seeds, 0, 0))
-  program = Program(model, tx, batch_size=64, block_steps=k, replica_devices=seed_devices)
+  program = Program(model, tx, batch_size=64, block_steps=k, replica_devices=seed_devices,
+                    replica_chunk=replica_chunk)
   x = parallel.put_replicated(ds.x_train[:1000])
   y = parallel.put_replicated(ds.y_train[:1000])
   buffer = np.arange(1000)
@@ -119,6 +120,12 @@ for name in ("conv1d", "bn_mlp"):
     states, steps = _run_blocks(ds, [0, 1, 2], model_name=name, seed_devices=g, programs=programs)
     out[f"{{name}}/{{g}}"] = [np.asarray(x).tolist()
                               for x in jax.tree.leaves((states.params, states.batch_stats))]
+# five replicas stepped all at once, or in chunks (on 8 devices: 2 groups,
+# 3 replicas a group, the last padded; chunks of 1 and of 2 pad least with 1)
+for chunk in ([0] if jax.device_count() == 1 else [0, 1, 2]):
+  g = 1 if jax.device_count() == 1 else 2
+  states, steps = _run_blocks(ds, [0, 1, 2, 3, 4], seed_devices=g, replica_chunk=chunk)
+  out[f"five/chunk{{chunk}}"] = [np.asarray(x).tolist() for x in jax.tree.leaves(states.params)]
 print(json.dumps(out))
 """
 
@@ -149,6 +156,32 @@ def test_eight_devices_equal_one_device(data_dir):
       for a, b in zip(one, eight):
         assert np.asarray(a).shape[0] == 3
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  for chunk in (0, 1, 2):  # replicas in chunks (padded on 8 devices) equal all at once on 1
+    for a, b in zip(outs[1]["five/chunk0"], outs[8][f"five/chunk{chunk}"]):
+      assert np.asarray(a).shape[0] == 5
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_replicas_in_chunks_equal_replicas_all_at_once(mnist1d):
+  """On one device, 6 replicas vmapped all at once, in 3 chunks of 2 and in 2
+  chunks of 3 (chunk=4: the size <= 4 that pads least, the largest on a tie)
+  give the same states."""
+  assert chunk_layout(6, 1, 2) == (2, 3) and chunk_layout(6, 1, 4) == (3, 2)
+  together, _ = _run_blocks(mnist1d, list(range(6)), replica_chunk=0)
+  for chunk in (2, 4):
+    chunked, _ = _run_blocks(mnist1d, list(range(6)), replica_chunk=chunk)
+    for a, b in zip(jax.tree.leaves(together.params), jax.tree.leaves(chunked.params)):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("n,devices,chunk,want", [
+    (6, 1, 0, None), (3, 1, 4, None),       # no chunking asked; all fit in one chunk
+    (72, 2, 2, (2, 18)), (15, 2, 2, (2, 4)),  # 36 and 8 (7 + 1 padded) a device
+    (5, 1, 2, (1, 5)), (5, 2, 2, (1, 3)),   # chunks of 1 pad least (2 would pad to 6, 8)
+    (6, 1, 4, (3, 2)), (9, 1, 4, (3, 3)),
+])
+def test_chunk_layout(n, devices, chunk, want):
+  assert chunk_layout(n, devices, chunk) == want
 
 
 _LAYOUT = r"""

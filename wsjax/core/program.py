@@ -24,6 +24,13 @@ gathers and processes its slice of every batch; XLA's partitioner
 all-reduces gradients and computes BatchNorm statistics over the global
 batch. Between programs the states are replicated. `replica_devices=1` is
 plain data parallelism.
+
+Replicas sharing a device: on CPU, a wide `vmap` of a small model costs more
+per replica than a narrow one (the 1-D ConvNet's step: 1.15x at 72 replicas
+a core, 1.05x at 24, against 8; caches and XLA:CPU's batched kernels), so a
+device's replicas are stepped `replica_chunk` at a time under `vmap`, the
+chunks in sequence (`lax.map`) inside the same step; on GPU/TPU all of them
+at once (see `default_replica_chunk`).
 """
 from __future__ import annotations
 
@@ -73,6 +80,56 @@ def make_train_step(model, tx: optax.GradientTransformation, task: Task, *,
   return train_step
 
 
+def default_replica_chunk() -> int:
+  """Replicas per device vmapped together by default: 2 on CPU (measured
+  best with 1 for the 1-D ConvNet, equal for the MLP: BENCHMARKS.md,
+  section 11), 0 (all) on GPU/TPU, where a wide `vmap` is what fills the
+  device."""
+  return 2 if jax.default_backend() == "cpu" else 0
+
+
+def chunk_layout(n: int, devices: int, chunk: int) -> Optional[tuple[int, int]]:
+  """(c, g): `in_chunks`' groups of c replicas, g of them a device, for n
+  replicas over `devices`; None when all are stepped at once (chunk 0, or
+  a device's share fits one chunk)."""
+  local = -(-n // devices)
+  if not chunk or local <= chunk:
+    return None
+  c = min(range(1, chunk + 1), key=lambda k: (-(-local // k) * k, -k))
+  return c, -(-local // c)
+
+
+def in_chunks(vstep: Callable, n: int, chunk: int, mesh) -> Callable:
+  """`vstep` (vmapped over a leading replica axis of n on every argument and
+  output) as the same map done `chunk` replicas per device at a time.
+
+  Each device's ceil(n / d) replicas (d = the mesh's `seeds` size) go in
+  g groups of c (the c <= `chunk` that pads least, largest on a tie): the
+  arguments are padded with zeros to d*g*c replicas (what XLA's own uneven
+  sharding pads to when c divides a device's share), laid out
+  (g, d*c) so that each group keeps its device, mapped with `lax.map` over
+  g, and cut back to n. Identity when one group holds them all."""
+  d = mesh.shape[parallel.SEEDS_AXIS]
+  layout = chunk_layout(n, d, chunk)
+  if layout is None:
+    return vstep
+  c, g = layout
+  padded = d * g * c
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.SEEDS_AXIS))
+
+  def split(x):
+    x = jnp.pad(x, [(0, padded - n)] + [(0, 0)] * (x.ndim - 1))
+    x = jnp.moveaxis(x.reshape(d, g, c, *x.shape[1:]), 1, 0).reshape(g, d * c, *x.shape[1:])
+    return jax.lax.with_sharding_constraint(x, spec) if d > 1 else x
+
+  def join(x):
+    return jnp.moveaxis(x.reshape(g, d, c, *x.shape[2:]), 0, 1).reshape(padded, *x.shape[2:])[:n]
+
+  def stepped(*args):
+    return jax.tree.map(join, jax.lax.map(lambda a: vstep(*a), jax.tree.map(split, args)))
+  return stepped
+
+
 def _select(pred, on_true, on_false):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
@@ -87,7 +144,8 @@ class Program:
 
   def __init__(self, model, tx: optax.GradientTransformation, task: Optional[Task] = None, *,
                batch_size: int, block_steps: int, eval_batch_size: int = 1000,
-               augment_fn: Optional[Callable] = None, replica_devices: int = 1):
+               augment_fn: Optional[Callable] = None, replica_devices: int = 1,
+               replica_chunk: Optional[int] = None):
     self.model = model
     self.tx = tx
     self.task = task = task if task is not None else Task()
@@ -95,6 +153,9 @@ class Program:
     self.block_steps = block_steps
     self.eval_batch_size = eval_batch_size
     self.mesh = parallel.seed_data_mesh(replica_devices)
+    self.replica_chunk = default_replica_chunk() if replica_chunk is None else replica_chunk
+    if self.replica_chunk < 0:
+      raise ValueError(f"replica_chunk must be >= 0 (0: all at once), got {self.replica_chunk}")
     n_data = self.mesh.shape[parallel.DATA_AXIS]
     if batch_size % n_data:
       raise ValueError(f"batch size {batch_size} is not divisible by the {n_data} devices "
@@ -120,7 +181,8 @@ class Program:
     step, since `active` only changes between blocks. The loop runs exactly
     `n_valid` steps (a dynamic trip count, no per-step `cond`).
     """
-    vstep = jax.vmap(self._train_step, in_axes=(0, 0, 0, 0))
+    vstep = in_chunks(jax.vmap(self._train_step), active.shape[0], self.replica_chunk,
+                      self.mesh)
 
     def body(k, carry):
       states, correct, loss_sum = carry

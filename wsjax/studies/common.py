@@ -97,6 +97,12 @@ class RunnerConfig:
   progress: bool = _f(True, "show a progress bar")
   seed_devices: int = _f(0, "device groups the replicas are spread over (0: one per device on "
                          "CPU, 1 on GPU/TPU)")
+  replica_chunk: int = _f(-1, "replicas per device vmapped together, the rest in sequence "
+                          "within each step (-1: 2 on CPU, all on GPU/TPU; 0: all)")
+
+  def chunk(self) -> Optional[int]:
+    """`Program`'s `replica_chunk`: None for the default."""
+    return None if self.replica_chunk < 0 else self.replica_chunk
 
   def validate(self) -> None:
     if self.block_steps < 1:
@@ -105,6 +111,9 @@ class RunnerConfig:
       raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
     if self.seed_devices < 0:
       raise ValueError(f"--seed_devices must be >= 0, got {self.seed_devices}")
+    if self.replica_chunk < -1:
+      raise ValueError(f"--replica_chunk must be >= 0, or -1 for the default, got "
+                       f"{self.replica_chunk}")
 
 
 class Setting:
@@ -179,5 +188,6 @@ class Setting:
         augment_fn = augment_images
       self._programs[key] = Program(self.model, tx, task, batch_size=self.data_cfg.batch_size,
                                     block_steps=self.runner.block_steps, augment_fn=augment_fn,
-                                    replica_devices=self.replica_devices)
+                                    replica_devices=self.replica_devices,
+                                    replica_chunk=self.runner.chunk())
     return self._programs[key]

@@ -305,7 +305,7 @@ class CurveTrainer:
     devices = s.runner.seed_devices or parallel.default_seed_devices(n)
     program = Program(s.model, tx, CurveTask(curve, cfg.weight_decay),
                       batch_size=s.data_cfg.batch_size, block_steps=s.runner.block_steps,
-                      replica_devices=devices)
+                      replica_devices=devices, replica_chunk=s.runner.chunk())
     ends = _stack_endpoints(start, end)
     stats = start.variables.get("batch_stats") or {}
     keys = np.asarray(seed_keys(seeds, CURVE_KEY_SALT))

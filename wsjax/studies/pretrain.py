@@ -322,7 +322,8 @@ class RewindPoints:
         augment_fn = augment_images
       program = Program(model, s.tx, Classification(batch_transform=_rotation_batch),
                         batch_size=s.data_cfg.batch_size, block_steps=s.runner.block_steps,
-                        augment_fn=augment_fn, replica_devices=s.replica_devices)
+                        augment_fn=augment_fn, replica_devices=s.replica_devices,
+                        replica_chunk=s.runner.chunk())
       start = lambda: fresh(seed_keys(s.seeds))  # noqa: E731
       shapes = jax.eval_shape(start)
       template = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), shapes)
