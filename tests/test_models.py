@@ -643,7 +643,8 @@ def test_cnn_on_28x28_images(torch):
   small = models.get_model("cnn", 3, channels=4, widths=())
   v = abstract_variables(small, (28, 28, 1))["params"]
   assert v["conv2"]["kernel"].shape == (3, 3, 4, 8) and v["head"]["kernel"].shape == (7 * 7 * 8, 3)
-  assert models.model_options("cnn") == ("channels", "widths", "dtype", "init")
+  assert models.model_options("cnn") == ("channels", "widths", "dtype", "custom_grad", "init")
+  assert models.model_options("conv1d") == ("channels", "custom_grad", "init")
   tnn = torch.nn
   net = tnn.Sequential(tnn.Conv2d(1, 16, 3, 2, 1), tnn.ReLU(), tnn.Conv2d(16, 32, 3, 2, 1),
                        tnn.ReLU(), tnn.Flatten(), tnn.Linear(32 * 7 * 7, 128), tnn.ReLU(),

@@ -72,7 +72,9 @@ def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
   Options (`kwargs`) are the module's fields, e.g. ``widths`` (mlp, cnn),
   ``channels`` (conv1d, cnn), ``width`` (resnets, conv8), ``last_pool``
   (conv8), ``dtype`` (the compute dtype of resnets, vggs, conv8 and cnn:
-  "float32" or "bfloat16"), and ``init`` for every model.
+  "float32" or "bfloat16"), ``custom_grad`` (conv1d, cnn: False for
+  forward-mode autodiff through the output, see `layers.patch_matmul`), and
+  ``init`` for every model.
   Raises UnknownModelError (a ValueError) for an unknown name and ValueError
   for an unknown option or init scheme.
   """
