@@ -214,6 +214,7 @@ def test_warm_start_source_mismatch_lists_paths(reference_run, env, tmp_path):
     (["--no_such_flag=1"], "unknown command line flag"),
     (["--host_devices=2", "--seed_devices=3"], "seed_devices=3 does not divide the 2 devices"),
     (["--host_devices=-1"], "must be >= 0"),
+    (["--replica_chunk=-2"], "--replica_chunk must be >= 0"),
     (["--dataset=digits", "--model=conv1d"], "takes 1-D signals"),
     (["--lr_schedule=cosine", "--decay_steps=x"], "is not an int"),
 ])

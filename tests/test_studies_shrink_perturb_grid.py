@@ -233,3 +233,16 @@ def test_online_panels_from_staged_results(tmp_path):
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   with pytest.raises(ValueError, match="no method 'dash' in these results; they have cold, warm"):
     plotting_online.plot_online_panels(results, str(path), methods=["cold", "dash"])
+
+
+@pytest.mark.parametrize("chunk", [-1, 0, 3])
+def test_replica_chunk_reaches_the_program(data_dir, tmp_path, chunk):
+  """`--replica_chunk` (RunnerConfig) is the compiled program's: -1 its
+  default (2 on this CPU), 0 all replicas at once. (That chunked replicas
+  equal replicas all at once is tested in test_core_program.)"""
+  from wsjax.core.program import default_replica_chunk
+  runner = dataclasses.replace(RUNNER, replica_chunk=chunk)
+  study = G.GridStudy(_cfg(data_dir), str(tmp_path), runner, log=lambda s: None)
+  want = default_replica_chunk() if chunk < 0 else chunk
+  assert study.setting.program(tx=study.tx(1)).replica_chunk == want
+  assert default_replica_chunk() == (2 if jax.default_backend() == "cpu" else 0)
